@@ -1,0 +1,1 @@
+"""The engine side: adapters that turn a model spec into a process, and the supervisor."""

@@ -1,0 +1,83 @@
+"""What an engine adapter receives and returns.
+
+An adapter is pure: a `Slot` (one replica's model spec, devices and port) and a secret go in,
+a `Launch` (argv, env, where to probe) comes out. Starting and watching the process is the
+supervisor's job, so adapters are unit-tested by comparing argv lists.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backends.spec import EngineArg, ModelSpec
+
+# Variables that would make engines on one host share ports or join a foreign cluster.
+UNSAFE_ENV = ("VLLM_PORT", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS", "VLLM_API_KEY")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One replica's place: which model, which devices. Computed by placement."""
+
+    worker_id: str
+    model: ModelSpec
+    replica: int
+    gpus: tuple[int, ...] = ()
+    cpu_ranks: tuple[str, ...] = ()  # one core list per rank, e.g. ("0", "1") or ("0-3",)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to run one worker and how to tell that it is ready."""
+
+    argv: list[str]
+    env: dict[str, str]  # set on top of the gateway's environment, minus UNSAFE_ENV
+    base_url: str  # OpenAI base URL, ends in /v1
+    health_url: str | None  # None: no liveness endpoint, readiness is /models alone
+    served_name: str  # the model id the engine expects in requests
+    api_key: str | None = None
+    remove_env: tuple[str, ...] = field(default=UNSAFE_ENV)
+
+    @property
+    def has_process(self) -> bool:
+        return bool(self.argv)
+
+
+class Adapter(Protocol):
+    def side_ports(self, spec: ModelSpec) -> int:
+        """How many loopback ports besides the HTTP one the engine binds (NCCL store, ...).
+
+        The supervisor allocates them with the HTTP port, so engines on one host never pick
+        the same one; an engine left to choose its own picks at random and may collide.
+        """
+        ...
+
+    def launch(
+        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+    ) -> Launch: ...
+
+
+def local_launch(
+    argv: list[str], env: dict[str, str], spec: ModelSpec, port: int, api_key: str, health: str
+) -> Launch:
+    """The Launch of an engine on this host: loopback URLs, the spec's env applied last."""
+    base = f"http://127.0.0.1:{port}"
+    return Launch(
+        argv=argv,
+        env={**env, **spec.env},
+        base_url=f"{base}/v1",
+        health_url=f"{base}{health}",
+        served_name=spec.name,
+        api_key=api_key,
+    )
+
+
+def engine_flags(args: dict[str, EngineArg]) -> list[str]:
+    """`{max-model-len: 1024, enforce-eager: true}` → `--max-model-len 1024 --enforce-eager`."""
+    flags: list[str] = []
+    for key, value in args.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{key}")
+        if value is not True:
+            flags.append(str(value))
+    return flags

@@ -1,0 +1,55 @@
+"""LMDeploy: `lmdeploy serve api_server MODEL`, TurboMind or PyTorch backend.
+
+Facts relied on (../shared/ENGINES.md §3 and 6.1, read again in the 0.18.0 wheel; the flags
+set here are checked against LMDeploy's own parser in tests/unit/test_lmdeploy_adapter.py):
+- The CLI parses strictly and has no pipeline-parallel flag (the spec refuses `pp > 1`), no
+  `--enable-metrics` (metrics are on unless `--disable-metrics`), and `--api-keys` on argv is
+  the only way to give a key.
+- `--backend` defaults to turbomind, which falls back to pytorch by itself when TurboMind
+  cannot run the model; the spec's `lmdeploy_backend` is passed only when set.
+- PyTorch with tp > 1 starts a local Ray cluster by default (or joins RAY_ADDRESS); the mp
+  executor needs none. Its torch.distributed store port comes from MASTER_PORT when set
+  (`MPExecutor.setup_master_addr` uses setdefault), else a random one: we allocate it, so two
+  instances never share one. The variable is harmless to TurboMind, which never reads it.
+- `/health` is 200 with `{"status": "healthy"}` once the engine answered its first probe
+  (503 `initializing` before); it skips the key, but `/metrics` and `/v1/models` need it.
+"""
+
+from backends.base import Launch, Slot, engine_flags, local_launch
+from backends.reasoning import parser_name
+from backends.spec import ModelSpec
+
+DEFAULT_COMMAND = ("lmdeploy", "serve", "api_server")
+
+
+class LmdeployAdapter:
+    def side_ports(self, spec: ModelSpec) -> int:
+        return 1 if _may_run_pytorch_tp(spec) else 0  # MASTER_PORT
+
+    def launch(
+        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+    ) -> Launch:
+        spec = slot.model
+        if len(side_ports) != self.side_ports(spec):
+            raise ValueError(f"lmdeploy needs {self.side_ports(spec)} side ports, got {side_ports}")
+        argv = [*(spec.command or DEFAULT_COMMAND), str(spec.model)]
+        argv += ["--model-name", spec.name]
+        argv += ["--server-name", "127.0.0.1", "--server-port", str(port), "--api-keys", api_key]
+        argv += ["--tp", str(spec.tp)]
+        if spec.lmdeploy_backend:
+            argv += ["--backend", spec.lmdeploy_backend]
+        reasoning = parser_name(spec.reasoning, "lmdeploy")
+        if reasoning:
+            argv += ["--reasoning-parser", reasoning]
+        argv += engine_flags(spec.engine_args)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot.gpus))}
+        if side_ports:
+            env["LMDEPLOY_EXECUTOR_BACKEND"] = "mp"
+            env["MASTER_ADDR"] = "127.0.0.1"
+            env["MASTER_PORT"] = str(side_ports[0])
+        return local_launch(argv, env, spec, port, api_key, "/health")
+
+
+def _may_run_pytorch_tp(spec: ModelSpec) -> bool:
+    """Unset backend counts: TurboMind may fall back to PyTorch for this model."""
+    return spec.tp > 1 and spec.lmdeploy_backend != "turbomind"

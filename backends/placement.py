@@ -1,0 +1,134 @@
+"""Where each replica runs: a plan computed before anything starts.
+
+GPUs: every replica holds a block of tp*pp GPUs; blocks never overlap, listed `gpus:` are
+honoured and the rest are assigned from what is left, lowest index first. CPU: every rank gets
+a share of the cores this process may use; with fewer cores than ranks they are shared (vLLM's
+CPU build needs a core list per rank, not exclusive cores).
+"""
+
+import os
+import shutil
+import subprocess
+
+from backends.base import Slot
+from backends.spec import ModelSpec
+
+
+class PlacementError(ValueError):
+    """A plan that cannot be carried out; `path` names the config key at fault."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def plan(models: list[ModelSpec], gpu_count: int, cpu_cores: list[int]) -> list[Slot]:
+    """One Slot per replica of every model, in config order."""
+    _check_names(models)
+    used = _explicit_gpus(models, gpu_count)
+    free = [gpu for gpu in range(gpu_count) if gpu not in used]
+    cpu_ranks = _cpu_ranks(models, cpu_cores)
+    slots: list[Slot] = []
+    for index, spec in enumerate(models):
+        for replica in range(spec.replicas):
+            worker_id = f"{spec.name}-{replica}"
+            if spec.backend == "external":
+                slots.append(Slot(worker_id, spec, replica))
+            elif spec.device == "cpu":
+                ranks = tuple(cpu_ranks.pop(0) for _ in range(spec.ranks))
+                slots.append(Slot(worker_id, spec, replica, cpu_ranks=ranks))
+            else:
+                gpus = _gpu_block(spec, index, replica, free, gpu_count)
+                slots.append(Slot(worker_id, spec, replica, gpus=gpus))
+    return slots
+
+
+def _check_names(models: list[ModelSpec]) -> None:
+    """Names and aliases together: each one names a single model."""
+    seen: dict[str, str] = {}
+    for index, spec in enumerate(models):
+        named = [("name", spec.name)] + [(f"aliases[{i}]", a) for i, a in enumerate(spec.aliases)]
+        for key, name in named:
+            if name in seen:
+                raise PlacementError(
+                    f"models[{index}].{key}", f"{name!r} is already used by {seen[name]}"
+                )
+            seen[name] = f"models[{index}]" if key == "name" else f"models[{index}].{key}"
+
+
+def _explicit_gpus(models: list[ModelSpec], gpu_count: int) -> dict[int, str]:
+    owner: dict[int, str] = {}
+    for index, spec in enumerate(models):
+        for position, gpu in enumerate(spec.gpus or []):
+            path = f"models[{index}].gpus[{position}]"
+            if gpu < 0 or gpu >= gpu_count:
+                raise PlacementError(path, f"GPU {gpu} does not exist ({_gpus_seen(gpu_count)})")
+            if gpu in owner:
+                raise PlacementError(path, f"GPU {gpu} is already given to {owner[gpu]}")
+            owner[gpu] = f"models[{index}] ({spec.name})"
+    return owner
+
+
+def _gpu_block(
+    spec: ModelSpec, index: int, replica: int, free: list[int], gpu_count: int
+) -> tuple[int, ...]:
+    if spec.gpus is not None:
+        return tuple(spec.gpus[replica * spec.ranks : (replica + 1) * spec.ranks])
+    if len(free) < spec.ranks:
+        raise PlacementError(
+            f"models[{index}]",
+            f"replica {replica} of {spec.name!r} needs tp*pp = {spec.ranks} GPUs, "
+            f"{len(free)} left unassigned ({_gpus_seen(gpu_count)})",
+        )
+    block, free[:] = tuple(free[: spec.ranks]), free[spec.ranks :]
+    return block
+
+
+def _gpus_seen(gpu_count: int) -> str:
+    if gpu_count == 0:
+        return "no NVIDIA GPU found on this machine; use device: cpu to run on the CPU"
+    return f"this machine has {gpu_count}: 0..{gpu_count - 1}"
+
+
+def _cpu_ranks(models: list[ModelSpec], cores: list[int]) -> list[str]:
+    """Core lists for every CPU rank of every replica, in plan order."""
+    total = sum(
+        m.ranks * m.replicas for m in models if m.backend != "external" and m.device == "cpu"
+    )
+    if total == 0:
+        return []
+    share = max(1, len(cores) // total)
+    lists = []
+    for rank in range(total):
+        start = (rank * share) % len(cores)
+        lists.append(_core_list(cores[start : start + share]))
+    return lists
+
+
+def _core_list(cores: list[int]) -> str:
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
+def available_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible here: NVML when installed, else `nvidia-smi -L`, else none."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    return 0

@@ -1,0 +1,46 @@
+"""vLLM: `vllm serve` (GPU builds) or `python -m vllm.entrypoints.openai.api_server` (CPU build).
+
+Facts relied on (../shared/ENGINES.md §1): `/health` answers 200 once the engine is up and the
+port refuses connections before; `/v1/*` is guarded by VLLM_API_KEY; the CPU build needs the mp
+executor and one core list per rank in VLLM_CPU_OMP_THREADS_BIND for tp*pp > 1.
+"""
+
+from backends.base import Launch, Slot, engine_flags, local_launch
+from backends.reasoning import parser_name
+from backends.spec import ModelSpec
+
+DEFAULT_COMMAND = ("vllm", "serve")
+
+
+class VllmAdapter:
+    def side_ports(self, spec: ModelSpec) -> int:
+        return 0  # one host, no DP: ZMQ over IPC and a file-store rendezvous (ENGINES.md 1.2)
+
+    def launch(
+        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+    ) -> Launch:
+        spec = slot.model
+        argv = [*(spec.command or DEFAULT_COMMAND)]
+        argv += ["--model", str(spec.model), "--served-model-name", spec.name]
+        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--tensor-parallel-size", str(spec.tp), "--pipeline-parallel-size", str(spec.pp)]
+        reasoning = parser_name(spec.reasoning, "vllm")
+        if reasoning:
+            argv += ["--reasoning-parser", reasoning]
+        args = dict(spec.engine_args)
+        if spec.ranks > 1 and spec.device == "cpu":
+            args.setdefault("distributed-executor-backend", "mp")
+        argv += engine_flags(args)
+        # The key travels in the environment: argv is world-readable in `ps`.
+        env = {"VLLM_API_KEY": api_key}
+        if spec.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(slot.cpu_ranks) or "auto"
+            env["VLLM_CPU_KVCACHE_SPACE"] = _gib(spec.kv_cache_gib)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
+        return local_launch(argv, env, spec, port, api_key, "/health")
+
+
+def _gib(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)

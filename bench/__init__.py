@@ -1,0 +1,1 @@
+"""Benchmarks (not timed tests): overhead against direct access and peers, routing."""

@@ -1,0 +1,176 @@
+"""enginegate.yaml: the one config file, validated by pydantic.
+
+Loading is three steps, each failing with the file name and the key path at fault:
+YAML → `${VAR}` / `${VAR:-default}` interpolation → pydantic validation. `plan_workers` then
+places every replica (backends.placement) and reports its errors the same way.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from backends.base import Slot
+from backends.placement import PlacementError, available_cores, count_gpus, plan
+from backends.spec import ModelSpec
+
+_VAR = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+_SECRET_KEYS = ("api_key", "api_keys", "admin_keys", "metrics_token")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; str() is one `file: key.path: problem` per line."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__("\n".join(f"{file}: {p}" for p in problems))
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer tokens for /v1/*")
+    allow_unauthenticated: bool = False
+    admin_keys: list[str] = Field(default_factory=list, description="Bearer tokens for /admin, /ui")
+    metrics_token: str | None = Field(None, description="Bearer token for /metrics; none: open")
+    state_dir: Path = Path("~/.local/state/enginegate")
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    connect_timeout: float = Field(10, gt=0)
+    read_timeout: float = Field(600, gt=0, description="max seconds between upstream bytes")
+    drain_timeout: float = Field(30, ge=0, description="seconds requests get to finish on stop")
+    stop_grace: float = Field(30, ge=0, description="seconds an engine gets to stop")
+    access_log: bool = False
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        if any(not key.strip() for key in keys):
+            raise ValueError("an API key is empty (is the variable it comes from set?)")
+        return keys
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _empty_token_is_none(cls, token: str | None) -> str | None:
+        return token if token and token.strip() else None  # `${TOKEN:-}` left unset: open
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @model_validator(mode="after")
+    def _keys_or_explicitly_open(self) -> "GatewayConfig":
+        if not self.api_keys and not self.allow_unauthenticated:
+            raise ValueError(
+                'api_keys is empty: add a key (e.g. "${ENGINEGATE_API_KEY}") '
+                "or set allow_unauthenticated: true"
+            )
+        if set(self.admin_keys) & set(self.api_keys):
+            raise ValueError("admin_keys and api_keys share a key; an admin key must be its own")
+        return self
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gateway: GatewayConfig
+    models: list[ModelSpec] = Field(min_length=1)
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file, or raise ConfigError."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(file, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [f"not valid YAML: {_yaml_problem(exc)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(file, ["expected a mapping with `gateway:` and `models:` at the top"])
+    problems: list[str] = []
+    data = _interpolate(data, environ if environ is not None else dict(os.environ), "", problems)
+    if problems:
+        raise ConfigError(file, problems)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(file, [_describe(error) for error in exc.errors()]) from None
+
+
+def plan_workers(
+    config: Config, file: str, gpu_count: int | None = None, cpu_cores: list[int] | None = None
+) -> list[Slot]:
+    """Place every replica, or raise ConfigError naming the key at fault."""
+    needs_gpus = any(m.backend != "external" and m.device == "cuda" for m in config.models)
+    if gpu_count is None:
+        gpu_count = count_gpus() if needs_gpus else 0
+    try:
+        return plan(config.models, gpu_count, cpu_cores or available_cores())
+    except PlacementError as exc:
+        raise ConfigError(file, [str(exc)]) from None
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """('models', 1, 'tp') → 'models[1].tp'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: Any) -> str:
+    path = key_path(tuple(error["loc"])) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if error["type"] == "missing":
+        return f"{path}: required, missing"
+    value = error.get("input")
+    if any(secret in path for secret in _SECRET_KEYS) or isinstance(value, dict | list):
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {value!r})"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's quote of the line: that line may hold an API key."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return type(exc).__name__
+    mark = exc.problem_mark
+    context = f"{exc.context}: " if exc.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {context}{exc.problem}"
+
+
+def _interpolate(node: Any, environ: dict[str, str], path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _interpolate(v, environ, f"{path}.{k}" if path else str(k), problems)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(v, environ, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"  # `$$` is a literal dollar
+        name, default = match.group(2), match.group(3)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(
+            f"{path}: ${{{name}}} is not set (write ${{{name}:-default}} for a default)"
+        )
+        return ""
+
+    return _VAR.sub(substitute, node)

@@ -1,0 +1,86 @@
+"""HTTP routes. Each handler is a few lines; the work is in proxy.py."""
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.state import Gateway
+
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def _forward(request: Request, path: str) -> Response:
+    gateway = _gateway(request)
+    principal = gateway.keys.authenticate(request)
+    return await gateway.proxy.forward(request, path, principal)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _forward(request, "/chat/completions")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _forward(request, "/completions")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _forward(request, "/embeddings")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    """Every configured model and alias; `ready` says whether a replica can take requests now.
+
+    An alias is listed as a model of its own, with `alias_of` naming the model it points at.
+    """
+    gateway = _gateway(request)
+    gateway.keys.authenticate(request)
+    data = []
+    for model in gateway.config.models:
+        workers = gateway.supervisor.by_model(model.name)
+        ready = sum(w.is_ready for w in workers)
+        card = {
+            "id": model.name,
+            "object": "model",
+            "created": gateway.created,
+            "owned_by": "enginegate",
+            "backend": model.backend,
+            "ready": ready > 0,
+            "replicas_ready": ready,
+            "replicas": len(workers),
+        }
+        data.append(card)
+        data += [{**card, "id": alias, "alias_of": model.name} for alias in model.aliases]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the gateway process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 when every model has a ready replica, else 503; the body says which are not."""
+    gateway = _gateway(request)
+    models = {
+        m.name: sum(w.is_ready for w in gateway.supervisor.by_model(m.name))
+        for m in gateway.config.models
+    }
+    is_ready = all(models.values()) and not gateway.proxy.is_draining
+    body = {
+        "status": "ready" if is_ready else "not ready",
+        "replicas_ready": models,
+        "uptime_seconds": round(time.monotonic() - gateway.started, 1),
+    }
+    return JSONResponse(body, 200 if is_ready else 503)

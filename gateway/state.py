@@ -1,0 +1,21 @@
+"""The objects one running gateway is made of, built once by create_app and passed around."""
+
+import time
+from dataclasses import dataclass, field
+
+from backends.supervisor import Supervisor
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+
+
+@dataclass
+class Gateway:
+    config: Config
+    supervisor: Supervisor
+    keys: KeyRing
+    metrics: Metrics
+    proxy: Proxy
+    started: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
