@@ -58,7 +58,7 @@ class Timings:
     startup_poll: float = 0.5
     health_interval: float = 5.0
     health_timeout: float = 10.0  # a CPU engine busy generating answered /health in up to 5.3 s
-    unhealthy_after: int = 3  # failed health checks in a row
+    unhealthy_after: int = 3  # failed health checks in a row before leaving rotation
     max_failures: int = 5  # starts in a row that did not stay ready for `stable_after`
     stable_after: float = 60.0
     backoff_base: float = 1.0
@@ -220,10 +220,14 @@ class Worker:
                 if self.state is WorkerState.UNHEALTHY:
                     self._set(WorkerState.READY)
             else:
+                # One slow probe is not a dead engine: a CPU engine busy generating can miss
+                # one. Out of rotation (and restarted, if we own it) only after several.
                 misses += 1
-                self._set(WorkerState.UNHEALTHY)
-                if misses >= self._timings.unhealthy_after and self.process:
-                    return "unhealthy"
+                log.info("worker %s missed health check %d", self.id, misses)
+                if misses >= self._timings.unhealthy_after:
+                    self._set(WorkerState.UNHEALTHY)
+                    if self.process:
+                        return "unhealthy"
             await self._sleep(self._timings.health_interval, until_exit=True)
         return "stopping"
 
