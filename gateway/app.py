@@ -16,6 +16,7 @@ from gateway.admin import AdminAuth, admin_router
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.errors import install_handlers
+from gateway.hotpath import HotPath
 from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -24,15 +25,19 @@ from gateway.routing import make_policy
 from gateway.scrape import EngineScraper, metrics_router
 from gateway.state import Gateway
 from gateway.ui import router as ui_router
+from gateway.upstream import Upstream
 
 
 def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient) -> FastAPI:
+    """`client` serves the supervisor's probes and the metrics scrape; the proxy has its own."""
     metrics = Metrics(supervisor)
     admissions = {
         m.name: Admission(m.max_in_flight, m.max_queue, m.queue_timeout) for m in config.models
     }
     policies = {m.name: make_policy(m.routing, m.prefix_chars) for m in config.models}
-    proxy = Proxy(supervisor, client, metrics, admissions, policies, config.gateway.max_body_bytes)
+    g = config.gateway
+    upstream = Upstream(g.connect_timeout, g.read_timeout)
+    proxy = Proxy(supervisor, upstream, metrics, admissions, policies, g.max_body_bytes)
     proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
     gateway = Gateway(config, supervisor, KeyRing(config.gateway.api_keys), metrics, proxy)
 
@@ -44,12 +49,14 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
         finally:
             proxy.is_draining = True
             await supervisor.stop()
+            await upstream.close()
             await client.aclose()
 
     app = FastAPI(
         title="enginegate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.gateway = gateway
+    app.add_middleware(HotPath, gateway=gateway)
     install_handlers(app)
     app.include_router(router)
     scraper = EngineScraper(supervisor, client, metrics.registry)
@@ -61,10 +68,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
 
 
 def make_client(config: Config) -> httpx.AsyncClient:
-    """One pooled client for every upstream; no overall timeout, a streams may run long."""
+    """The client for probes and scrapes (the proxy's requests go through gateway.upstream)."""
     g = config.gateway
     timeout = httpx.Timeout(connect=g.connect_timeout, read=g.read_timeout, write=60, pool=None)
-    # httpcore scans every pooled connection on each request and release: a big idle pool costs
-    # CPU on every request (bench/README: 43 % of busy time at 64 clients with 256 kept).
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    return httpx.AsyncClient(timeout=timeout, trust_env=False)

@@ -12,13 +12,13 @@ again when the client did not ask for it.
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from backends.reasoning import is_split_by_gateway
@@ -30,7 +30,6 @@ from gateway.errors import (
     TooLarge,
     UnknownModel,
     UpstreamFailed,
-    UpstreamTimeout,
     error_body,
     from_upstream,
 )
@@ -38,16 +37,18 @@ from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.routing import RoutingPolicy
 from gateway.sse import EventRewriter, complete_history, rewrite_json
+from gateway.upstream import FAILURES, Upstream, sort_failure
 
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
 PASS_HEADERS = ("content-type", "cache-control")
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 @dataclass
 class Proxy:
     supervisor: Supervisor
-    client: httpx.AsyncClient
+    upstream: Upstream
     metrics: Metrics
     admissions: dict[str, Admission]
     policies: dict[str, RoutingPolicy]
@@ -76,20 +77,22 @@ class Proxy:
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
         if complete_history(body):
             raw = json.dumps(body).encode()
-        call = Call(self.metrics, self.admissions[name], name, principal, body)
+        call = Call(self.metrics, self.admissions[name], name, principal, raw, body)
         await call.admit()
+        call.watch(request.receive)  # the body is read: what comes next can only be goodbye
         try:
-            worker, upstream = await self._send(request, workers, path, call.upstream_body(raw))
+            worker, upstream = await self._send(call, request, workers, path)
         except GatewayError as exc:
             call.finish(exc.status)
             raise
         call.worker = worker
-        if upstream.status_code >= 400:
+        if upstream.status >= 400:
             return await self._error_response(call, upstream)
         if not call.is_stream:
             return await self._whole_response(call, upstream)
-        headers = {k: upstream.headers[k] for k in PASS_HEADERS if k in upstream.headers}
-        return RelayResponse(self._relay(call, upstream), status_code=200, headers=headers)
+        passed = upstream.headers
+        headers = [(k.encode(), passed[k].encode()) for k in PASS_HEADERS if k in passed]
+        return RelayResponse(self._relay(call, upstream), headers or SSE_HEADERS)
 
     async def _read_body(self, request: Request) -> tuple[bytes, dict[str, Any]]:
         too_large = TooLarge(f"request body over {self.max_body_bytes} bytes")
@@ -116,12 +119,13 @@ class Proxy:
         return raw, body
 
     async def _send(
-        self, request: Request, workers: list[Worker], path: str, body: tuple[bytes, dict]
-    ) -> tuple[Worker, httpx.Response]:
+        self, call: "Call", request: Request, workers: list[Worker], path: str
+    ) -> tuple[Worker, aiohttp.ClientResponse]:
         """Send to a ready replica, trying others on failures that happened before any output."""
         tried: set[str] = set()
         model = workers[0].model_name
         policy = self.policies[model]
+        body = call.upstream_body()
         key = policy.key_for(body[1], request.headers)
         states = ", ".join(f"{w.id} {w.state.value}" for w in workers)
         last_error: GatewayError = NoReadyReplica(f"no ready replica for `{model}`: {states}")
@@ -134,48 +138,43 @@ class Proxy:
             tried.add(worker.id)
             worker.in_flight += 1
             try:
-                upstream = await _until_disconnect(request, self._open(worker, path, *body))
-            except httpx.ConnectTimeout:
-                worker.in_flight -= 1  # the request never reached the engine: try another
-                last_error = UpstreamTimeout(f"worker {worker.id}: connect timed out")
-                continue
-            except httpx.TimeoutException:
-                worker.in_flight -= 1
-                raise UpstreamTimeout(f"worker {worker.id} did not answer in time") from None
+                upstream = await call.unless_client_leaves(self._open(worker, path, *body))
             except ClientGone:
                 worker.in_flight -= 1
                 raise
-            except httpx.TransportError as exc:
+            except FAILURES as exc:
                 worker.in_flight -= 1
-                last_error = UpstreamFailed(f"worker {worker.id}: {type(exc).__name__}: {exc}")
+                error, may_retry = sort_failure(exc, worker.id)
+                if not may_retry:
+                    raise error from None
+                last_error = error
                 continue
-            if upstream.status_code in RETRY_STATUSES and len(tried) < len(workers):
-                await upstream.aclose()
+            if upstream.status in RETRY_STATUSES and len(tried) < len(workers):
+                upstream.close()
                 worker.in_flight -= 1
-                last_error = UpstreamFailed(f"worker {worker.id} answered {upstream.status_code}")
+                last_error = UpstreamFailed(f"worker {worker.id} answered {upstream.status}")
                 continue
             return worker, upstream
         raise last_error
 
     async def _open(
         self, worker: Worker, path: str, raw: bytes, body: dict[str, Any]
-    ) -> httpx.Response:
+    ) -> aiohttp.ClientResponse:
         if worker.upstream_model != body["model"]:
             raw = json.dumps({**body, "model": worker.upstream_model}).encode()
         headers = {"content-type": "application/json"}
         if worker.api_key:
             headers["authorization"] = f"Bearer {worker.api_key}"
-        upstream_request = self.client.build_request(
-            "POST", worker.base_url + path, content=raw, headers=headers
-        )
-        return await self.client.send(upstream_request, stream=True)
+        return await self.upstream.post(worker.base_url + path, raw, headers)
 
-    async def _error_response(self, call: "Call", upstream: httpx.Response) -> JSONResponse:
+    async def _error_response(self, call: "Call", upstream: aiohttp.ClientResponse) -> Response:
         try:
-            content = await upstream.aread()
+            content = await upstream.read()
+        except FAILURES:
+            content = b""
         finally:
-            await upstream.aclose()
-        status = upstream.status_code
+            upstream.close()
+        status = upstream.status
         if status in (401, 403):
             # Our per-worker secret was refused: the client's key is fine, the setup is not.
             assert call.worker is not None
@@ -184,53 +183,69 @@ class Proxy:
         call.finish(status)
         return JSONResponse(from_upstream(status, content), status)
 
-    async def _whole_response(self, call: "Call", upstream: httpx.Response) -> Response:
+    async def _whole_response(self, call: "Call", upstream: aiohttp.ClientResponse) -> Response:
         status = 502
         try:
-            content = await upstream.aread()
-            status = upstream.status_code
-        except httpx.HTTPError as exc:
+            content = await upstream.read()
+            status = upstream.status
+        except FAILURES as exc:
             raise UpstreamFailed(f"worker failed while answering: {type(exc).__name__}") from None
         finally:
-            await upstream.aclose()
+            upstream.release()
             call.finish(status)
         call.count_usage(content)
         content = rewrite_json(content, call.reply_as, call.splits_tags)
         media_type = upstream.headers.get("content-type", "application/json")
         return Response(content, status_code=status, media_type=media_type)
 
-    async def _relay(self, call: "Call", upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, call: "Call", upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         rewriter = EventRewriter(
             call.reply_as, strip_usage=not call.wants_usage, split_tags=call.splits_tags
         )
-        status = upstream.status_code
+        status = upstream.status
+        call.on_client_gone(upstream.close)  # the engine sees the connection close and aborts
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 call.saw_chunk()
                 out = rewriter.feed(chunk)
                 if out:
                     yield out
             yield rewriter.flush()
-        except httpx.HTTPError as exc:
-            status = 502
-            assert call.worker is not None
-            yield _error_event(f"worker {call.worker.id} failed mid-stream: {type(exc).__name__}")
+        except FAILURES as exc:
+            if call.client_gone:
+                status = ClientGone.status
+            else:
+                status = 502
+                assert call.worker is not None
+                if isinstance(exc, TimeoutError):
+                    failure = "sent nothing for longer than the gateway's read_timeout"
+                else:
+                    failure = f"failed mid-stream: {type(exc).__name__} {exc}".rstrip()
+                yield _error_event(f"worker {call.worker.id} {failure}")
         finally:
-            await upstream.aclose()
+            upstream.close()  # a no-op after a whole stream; otherwise the engine aborts
             call.add_usage(rewriter.usage)
             call.finish(status)
 
 
 class Call:
-    """One request's bookkeeping: admission slot, replica load, metrics. finish() runs once."""
+    """One request's bookkeeping: admission slot, replica load, the client's presence, metrics.
+    finish() runs once."""
 
     def __init__(
-        self, metrics: Metrics, admission: Admission, model: str, principal: str, body: dict
+        self,
+        metrics: Metrics,
+        admission: Admission,
+        model: str,
+        principal: str,
+        raw: bytes,
+        body: dict,
     ) -> None:
         self.metrics = metrics
         self.admission = admission
         self.model = model
         self.principal = principal
+        self.raw = raw
         self.body = body
         self.reply_as: str = body["model"]  # responses name the model as the client did
         self.is_stream = body.get("stream") is True
@@ -241,6 +256,8 @@ class Call:
         self.last_chunk: float | None = None
         self.is_admitted = False
         self.is_finished = False
+        self._client_left: asyncio.Future[None] | None = None
+        self._itl: Any = None  # the histogram's child for this model, looked up once
 
     @property
     def splits_tags(self) -> bool:
@@ -260,21 +277,49 @@ class Call:
         self.is_admitted = True
         self.metrics.in_flight.labels(self.model).inc()
 
-    def upstream_body(self, raw: bytes) -> tuple[bytes, dict]:
+    def upstream_body(self) -> tuple[bytes, dict]:
         """The body to send: streams always ask for usage, so tokens can be counted."""
         if self.is_stream and not self.wants_usage:
             options = self.body.get("stream_options")
             options = {**options, "include_usage": True} if isinstance(options, dict) else None
             self.body = {**self.body, "stream_options": options or {"include_usage": True}}
-            raw = json.dumps(self.body).encode()
-        return raw, self.body
+            self.raw = json.dumps(self.body).encode()
+        return self.raw, self.body
+
+    def watch(self, receive: Receive) -> None:
+        """Notice the client leaving: one task per request, until finish()."""
+        self._client_left = asyncio.ensure_future(_disconnected(receive))
+
+    @property
+    def client_gone(self) -> bool:
+        left = self._client_left
+        return left is not None and left.done() and not left.cancelled()
+
+    def on_client_gone(self, callback: Callable[[], object]) -> None:
+        assert self._client_left is not None
+        self._client_left.add_done_callback(lambda left: left.cancelled() or callback())
+
+    async def unless_client_leaves(self, sending: Awaitable[Any]) -> Any:
+        """Await `sending`, but cancel it and raise ClientGone if the client leaves first.
+
+        A non-streaming engine answers only when generation is done, so without this a client
+        that hangs up would leave the engine generating for nobody.
+        """
+        assert self._client_left is not None
+        send = asyncio.ensure_future(sending)
+        await asyncio.wait((send, self._client_left), return_when=asyncio.FIRST_COMPLETED)
+        if send.done():
+            return send.result()
+        send.cancel()
+        raise ClientGone("client disconnected")
 
     def saw_chunk(self) -> None:
         now = time.perf_counter()
         if self.last_chunk is None:
             self.metrics.ttft.labels(self.model).observe(now - self.started)
+            self._itl = self.metrics.itl.labels(self.model)
         else:
-            self.metrics.itl.labels(self.model).observe(now - self.last_chunk)
+            self._itl.observe(now - self.last_chunk)
         self.last_chunk = now
 
     def count_usage(self, content: bytes) -> None:
@@ -296,6 +341,8 @@ class Call:
         if self.is_finished:
             return
         self.is_finished = True
+        if self._client_left is not None:
+            self._client_left.cancel()
         if self.worker is not None:
             self.worker.in_flight -= 1
         if self.is_admitted:
@@ -305,18 +352,27 @@ class Call:
         self.metrics.duration.labels(self.model).observe(time.perf_counter() - self.started)
 
 
-class RelayResponse(StreamingResponse):
-    """A StreamingResponse that always closes its iterator, so the upstream closes at once."""
+class RelayResponse(Response):
+    """Streams `chunks` to the client and always closes them, so the upstream closes at once.
 
-    def __init__(self, content: AsyncIterator[bytes], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._iterator = content
+    Not Starlette's StreamingResponse: that one starts a task group per response to notice a
+    disconnect, which the Call's watcher does already.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.raw_headers = headers
+        self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await self._iterator.aclose()  # type: ignore[attr-defined]
+            await self.chunks.aclose()  # type: ignore[attr-defined]
 
 
 class ShuttingDown(NoReadyReplica):
@@ -329,26 +385,8 @@ class ClientGone(GatewayError):
     status = 499
 
 
-async def _until_disconnect(request: Request, sending: Awaitable[httpx.Response]) -> httpx.Response:
-    """Await `sending`, but give up (and cancel it) if the client disconnects meanwhile.
-
-    A non-streaming engine answers only when generation is done, so without this a client that
-    hangs up would leave the engine generating for nobody.
-    """
-    send = asyncio.ensure_future(sending)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((send, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if send.done():
-        return send.result()
-    send.cancel()
-    raise ClientGone("client disconnected")
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 

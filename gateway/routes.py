@@ -1,9 +1,9 @@
-"""HTTP routes. Each handler is a few lines; the work is in proxy.py."""
+"""HTTP routes besides the proxied ones (hotpath.py). Each handler is a few lines."""
 
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from gateway.state import Gateway
 
@@ -13,27 +13,6 @@ router = APIRouter()
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
-
-
-async def _forward(request: Request, path: str) -> Response:
-    gateway = _gateway(request)
-    principal = gateway.keys.authenticate(request)
-    return await gateway.proxy.forward(request, path, principal)
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _forward(request, "/chat/completions")
-
-
-@router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await _forward(request, "/completions")
-
-
-@router.post("/v1/embeddings")
-async def embeddings(request: Request) -> Response:
-    return await _forward(request, "/embeddings")
 
 
 @router.get("/v1/models")

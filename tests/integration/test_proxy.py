@@ -461,7 +461,7 @@ def test_upstream_idle_past_read_timeout_mid_stream_ends_with_an_error_event(
     events = [e.removeprefix(b"data: ") for e in response.content.split(b"\n\n") if e]
     assert json.loads(events[0])["choices"][0]["delta"] == {"content": "tok0 "}
     error = json.loads(events[1])["error"]
-    assert error["type"] == "upstream_error" and "ReadTimeout" in error["message"], error
+    assert error["type"] == "upstream_error" and "read_timeout" in error["message"], error
     assert events[2:] == [b"[DONE]"]
     assert READ_TIMEOUT <= time.monotonic() - started < READ_TIMEOUT * 2
 

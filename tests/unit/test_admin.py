@@ -1,11 +1,12 @@
 """The admin API, the metrics token and the status page, on the real app.
 
 The app runs in-process (httpx.ASGITransport) with a supervisor of `backend: external` workers
-whose upstream is an httpx.MockTransport; no process is started.
+whose upstream is a scripted server on a loopback port; no process is started.
 """
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from backends.supervisor import Supervisor, Timings, WorkerState
 from gateway.app import create_app
 from gateway.config import Config, ConfigError, load_config, plan_workers
+from tests.fakes.loopback import from_httpx, serve
 
 USER, ADMIN, METRICS = "sk-user-1111", "sk-admin-2222", "mt-3333"
 FAST = Timings(startup_poll=0.01, health_interval=0.02, health_timeout=1, stop_grace=1)
@@ -36,14 +38,14 @@ def upstream(request: httpx.Request) -> httpx.Response:
     return httpx.Response(404)
 
 
-def make_config(tmp_path: Path, **gateway: Any) -> Config:
+def make_config(tmp_path: Path, url: str = "http://up.test", **gateway: Any) -> Config:
     options = {"api_keys": [USER], "admin_keys": [ADMIN], "metrics_token": METRICS} | gateway
     return Config.model_validate(
         {
             "gateway": {"state_dir": str(tmp_path), **options},
             "models": [
-                {"name": "remote", "backend": "external", "url": "http://up.test/v1"},
-                {"name": "other", "backend": "external", "url": "http://up.test/v1"},
+                {"name": "remote", "backend": "external", "url": f"{url}/v1"},
+                {"name": "other", "backend": "external", "url": f"{url}/v1"},
             ],
         }
     )
@@ -55,24 +57,22 @@ Started = tuple[httpx.AsyncClient, Supervisor]
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """start(**gateway options) → (client of the app, its supervisor), every worker ready."""
-    running: list[Supervisor] = []
-    upstream_client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    async with AsyncExitStack() as stack:
+        url = await stack.enter_async_context(serve(from_httpx(upstream)))
 
-    async def started(**gateway: Any) -> Started:
-        config = make_config(tmp_path, **gateway)
-        slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
-        supervisor = Supervisor(slots, tmp_path, upstream_client, timings=FAST)
-        app = create_app(config, supervisor, upstream_client)
-        await supervisor.start()
-        running.append(supervisor)
-        assert await supervisor.wait_ready(timeout=5)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
-        return client, supervisor
+        async def started(**gateway: Any) -> Started:
+            config = make_config(tmp_path, url, **gateway)
+            slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
+            probes = await stack.enter_async_context(httpx.AsyncClient())
+            supervisor = Supervisor(slots, tmp_path, probes, timings=FAST)
+            app = create_app(config, supervisor, probes)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            assert await supervisor.wait_ready(timeout=5)
+            transport = httpx.ASGITransport(app=app)
+            client = httpx.AsyncClient(transport=transport, base_url="http://gw")
+            return client, supervisor
 
-    yield started
-    for supervisor in running:
-        await supervisor.stop()
-    await upstream_client.aclose()
+        yield started
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -103,7 +103,7 @@ async def test_workers_lists_each_worker_with_its_state_and_history(start) -> No
     assert set(workers) == {"remote-0", "other-0"}
     remote = workers["remote-0"]
     assert remote["model"] == "remote" and remote["state"] == "ready"
-    assert remote["devices"] == "remote" and remote["url"] == "http://up.test/v1"
+    assert remote["devices"] == "remote" and remote["url"].endswith("/v1")
     assert remote["restarts"] == 0 and remote["uptime_seconds"] >= 0
     assert remote["last_start_seconds"] is not None
     assert remote["log"] == "/admin/workers/remote-0/log"

@@ -1,12 +1,13 @@
 """Aliases, `reasoning: think_tags` and reasoning sent back, through the real app.
 
 The app runs in-process (httpx.ASGITransport) in front of `backend: external` workers whose
-upstream is an httpx.MockTransport that answers like vLLM without a reasoning parser: the
-thinking and `</think>` arrive as plain content. The upstream keeps every request it got.
+upstream is a scripted server on a loopback port that answers like vLLM without a reasoning
+parser: the thinking and `</think>` arrive as plain content. It keeps every request it got.
 """
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from backends.supervisor import Supervisor, Timings
 from gateway.app import create_app
 from gateway.config import Config, plan_workers
+from tests.fakes.loopback import from_httpx, serve
 
 KEY = "sk-user-5555"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -48,9 +50,7 @@ class Upstream:
             events.append(f"data: {json.dumps(chunk)}\n\n")
         events.append("data: [DONE]\n\n")
         headers = {"content-type": "text/event-stream"}
-        # A stream, not content=: the gateway reads the body with aiter_raw, as from an engine.
-        stream = httpx.ByteStream("".join(events).encode())
-        return httpx.Response(200, stream=stream, headers=headers)
+        return httpx.Response(200, content="".join(events).encode(), headers=headers)
 
 
 @pytest.fixture
@@ -61,34 +61,33 @@ def upstream() -> Upstream:
 @pytest.fixture
 async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[httpx.AsyncClient]:
     """The app with `r1` (think_tags, aliases `deepseek-r1` and `r1-latest`) and `plain`."""
-    config = Config.model_validate(
-        {
-            "gateway": {"state_dir": str(tmp_path), "api_keys": [KEY]},
-            "models": [
-                {
-                    "name": "r1",
-                    "aliases": ["deepseek-r1", "r1-latest"],
-                    "backend": "external",
-                    "url": "http://up.test/v1",
-                    "reasoning": "think_tags",
-                },
-                {"name": "plain", "backend": "external", "url": "http://up.test/v1"},
-            ],
-        }
-    )
-    upstream_client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-    slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
-    supervisor = Supervisor(slots, tmp_path, upstream_client, timings=FAST)
-    app = create_app(config, supervisor, upstream_client)
-    await supervisor.start()
-    try:
+    async with AsyncExitStack() as stack:
+        url = await stack.enter_async_context(serve(from_httpx(upstream)))
+        config = Config.model_validate(
+            {
+                "gateway": {"state_dir": str(tmp_path), "api_keys": [KEY]},
+                "models": [
+                    {
+                        "name": "r1",
+                        "aliases": ["deepseek-r1", "r1-latest"],
+                        "backend": "external",
+                        "url": f"{url}/v1",
+                        "reasoning": "think_tags",
+                    },
+                    {"name": "plain", "backend": "external", "url": f"{url}/v1"},
+                ],
+            }
+        )
+        probes = await stack.enter_async_context(httpx.AsyncClient())
+        slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
+        supervisor = Supervisor(slots, tmp_path, probes, timings=FAST)
+        app = create_app(config, supervisor, probes)
+        await stack.enter_async_context(app.router.lifespan_context(app))
         assert await supervisor.wait_ready(timeout=5)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
-    finally:
-        await supervisor.stop()
-        await upstream_client.aclose()
+        yield await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://gw")
+        )
 
 
 def chat(model: str, **fields: Any) -> dict[str, Any]:

@@ -1,97 +1,140 @@
 """Which failures before the first byte are tried again on the other replica, and the counter.
 
-The real app runs in-process over two `external` replicas of one model; their upstream is an
-httpx.MockTransport that fails the first completion request in a scripted way.
+The real app runs in-process over two `external` replicas of one model, each its own scripted
+upstream on a loopback port (tests/fakes/loopback.py); replica 0 is the first one chosen.
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 
+from backends.base import Slot
+from backends.spec import ModelSpec
 from backends.supervisor import Supervisor, Timings
 from gateway.app import create_app
-from gateway.config import Config, plan_workers
+from gateway.config import Config, GatewayConfig
+from gateway.errors import UpstreamFailed, UpstreamTimeout
+from gateway.upstream import sort_failure
+from tests.fakes.loopback import Handler, serve
 
 KEY = "sk-retries-1111"
 FAST = Timings(startup_poll=0.01, health_interval=60, health_timeout=1, stop_grace=1)
 BODY = {"model": "pair", "messages": [{"role": "user", "content": "hi"}]}
+READ_TIMEOUT = 0.5
 
 
-def failing_once(error: Exception, calls: list[str]) -> Callable[[httpx.Request], httpx.Response]:
-    """An upstream listing `pair` whose first completion request raises `error`."""
+class Replica:
+    """An upstream listing `pair`; `answer` decides what a completion request gets."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "pair"}]})
-        calls.append(request.url.path)
-        if len(calls) == 1:
-            raise error
-        return httpx.Response(200, json={"object": "chat.completion", "choices": []})
+    def __init__(self, answer: Callable[[web.Request], web.StreamResponse] | None = None):
+        self.calls = 0
+        self.answer = answer
 
-    return handle
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": "pair"}]})
+        self.calls += 1
+        if self.answer is not None:
+            return await self.answer(request)
+        return web.json_response({"object": "chat.completion", "choices": []})
 
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Callable]:
-    """gateway(handler) → (client of the app, its retries_total for `pair`)."""
-    supervisors: list[Supervisor] = []
+    """gateway(first, second) → (client of the app, retries_total for `pair`, a function
+    that stops the first replica's server)."""
+    async with AsyncExitStack() as stack:
 
-    async def start(handle: Callable[[httpx.Request], httpx.Response]):
-        config = Config.model_validate(
-            {
-                "gateway": {"api_keys": [KEY], "state_dir": str(tmp_path)},
-                "models": [
-                    {"name": "pair", "backend": "external", "url": "http://up/v1", "replicas": 2}
-                ],
-            }
-        )
-        upstream = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-        slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
-        supervisor = Supervisor(slots, tmp_path, upstream, timings=FAST)
-        supervisors.append(supervisor)
-        app = create_app(config, supervisor, upstream)
-        await supervisor.start()
-        assert await supervisor.wait_ready(timeout=5)
-        registry = app.state.gateway.metrics.registry
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        async def start(first: Handler, second: Handler):
+            first_server = AsyncExitStack()
+            stack.push_async_callback(first_server.aclose)
+            urls = [
+                await first_server.enter_async_context(serve(first)),
+                await stack.enter_async_context(serve(second)),
+            ]
+            specs = [ModelSpec(name="pair", backend="external", url=f"{u}/v1") for u in urls]
+            slots = [Slot(f"pair-{i}", spec, i) for i, spec in enumerate(specs)]
+            gateway = GatewayConfig(api_keys=[KEY], state_dir=tmp_path, read_timeout=READ_TIMEOUT)
+            config = Config(gateway=gateway, models=specs[:1])
+            client = await stack.enter_async_context(httpx.AsyncClient())
+            supervisor = Supervisor(slots, tmp_path, client, timings=FAST)
+            app = create_app(config, supervisor, client)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            assert await supervisor.wait_ready(timeout=5)
+            registry = app.state.gateway.metrics.registry
+            transport = httpx.ASGITransport(app=app)
+            caller = httpx.AsyncClient(transport=transport, base_url="http://gw")
+            await stack.enter_async_context(caller)
 
-        def retries() -> float:
-            return registry.get_sample_value("enginegate_retries_total", {"model": "pair"}) or 0
+            def retries() -> float:
+                sample = registry.get_sample_value("enginegate_retries_total", {"model": "pair"})
+                return sample or 0
 
-        return client, retries
+            return caller, retries, first_server.aclose
 
-    yield start
-    for supervisor in supervisors:
-        await supervisor.stop()
+        yield start
+
+
+async def test_connect_refused_is_retried_on_the_other_replica(gateway):
+    """Replica 0 was ready, then its server went away (the gateway has not noticed yet): the
+    request never reached an engine, so the second replica takes it."""
+    gone, other = Replica(), Replica()
+    client, retries, stop_first = await gateway(gone, other)
+    await stop_first()
+    response = await client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert (gone.calls, other.calls, retries()) == (0, 1, 1)
+
+
+async def test_connection_dropped_before_an_answer_is_retried(gateway):
+    async def drop(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        await asyncio.sleep(1)
+        return web.Response()
+
+    dropping, other = Replica(drop), Replica()
+    client, retries, _ = await gateway(dropping, other)
+    response = await client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert (dropping.calls, other.calls, retries()) == (1, 1, 1)
+
+
+async def test_no_first_byte_in_time_is_504_and_not_retried(gateway):
+    """The engine may be generating already: a second replica would do the work twice."""
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(READ_TIMEOUT * 4)
+        return web.Response()
+
+    slow, other = Replica(silent), Replica()
+    client, retries, _ = await gateway(slow, other)
+    response = await client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert (slow.calls, other.calls, retries()) == (1, 0, 0)
 
 
 @pytest.mark.parametrize(
-    "error",
-    [httpx.ConnectError("refused"), httpx.ConnectTimeout("connect timed out")],
-    ids=["connect-refused", "connect-timeout"],
+    ("failure", "error", "may_retry"),
+    [
+        (aiohttp.ConnectionTimeoutError("connect"), UpstreamTimeout, True),
+        (aiohttp.SocketTimeoutError("read"), UpstreamTimeout, False),
+        (aiohttp.ServerDisconnectedError(), UpstreamFailed, True),
+        (ConnectionRefusedError(111, "refused"), UpstreamFailed, True),
+    ],
+    ids=["connect-timeout", "read-timeout", "disconnected", "refused"],
 )
-async def test_connect_failure_is_retried_on_the_other_replica(gateway, error) -> None:
-    """The request never reached the first engine, so sending it to the second is safe."""
-    calls: list[str] = []
-    client, retries = await gateway(failing_once(error, calls))
-    async with client:
-        response = await client.post("/v1/chat/completions", json=BODY, headers=_auth())
-    assert response.status_code == 200, response.text
-    assert len(calls) == 2 and retries() == 1
+def test_failures_are_sorted_into_retry_or_not(failure, error, may_retry) -> None:
+    """A connect timeout cannot be made on loopback on demand: the sorting is checked here."""
+    sorted_error, retry = sort_failure(failure, "pair-0")
+    assert type(sorted_error) is error and retry is may_retry
 
 
-async def test_no_first_byte_in_time_is_504_and_not_retried(gateway) -> None:
-    """The engine may be generating already: a second replica would do the work twice."""
-    calls: list[str] = []
-    client, retries = await gateway(failing_once(httpx.ReadTimeout("no answer"), calls))
-    async with client:
-        response = await client.post("/v1/chat/completions", json=BODY, headers=_auth())
-    assert response.status_code == 504
-    assert response.json()["error"]["code"] == "upstream_timeout"
-    assert len(calls) == 1 and retries() == 0
-
-
-def _auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {KEY}"}
