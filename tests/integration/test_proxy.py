@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import Slot
 from backends.spec import ModelSpec
@@ -199,7 +200,8 @@ def sse_objects(raw: bytes) -> list[dict]:
 
 def test_client_disconnect_mid_stream_closes_the_upstream_stream(fleet: Fleet) -> None:
     """1. Start a 100-event stream; 2. read two events and hang up; 3. the upstream sees its
-    stream cut short well before it would have finished (100 * INTERVAL seconds)."""
+    stream cut short well before it would have finished (100 * INTERVAL seconds); 4. the
+    gateway's books are settled: nothing in flight, the request counted as 499."""
     upstream = fleet.upstreams["ok"]
     before = upstream.stats()
     with httpx.Client(timeout=10) as client:
@@ -216,9 +218,14 @@ def test_client_disconnect_mid_stream_closes_the_upstream_stream(fleet: Fleet) -
     after = wait_for_stats(upstream, "cancelled", before["cancelled"] + 1, timeout=5)
     assert after["started"] == before["started"] + 1
     assert after["completed"] == before["completed"]
+    assert gateway_metric(fleet, "enginegate_requests_in_flight", model="ok") == 0
+    assert gateway_metric(fleet, "enginegate_requests_total", model="ok", status="499") >= 1
 
 
-def test_client_giving_up_before_the_first_byte_cancels_the_upstream_request(fleet: Fleet) -> None:
+@pytest.mark.parametrize("is_stream", [True, False], ids=["stream", "whole"])
+def test_client_giving_up_before_the_first_byte_cancels_the_upstream_request(
+    fleet: Fleet, is_stream: bool
+) -> None:
     """1. Ask the slow upstream; 2. give up before its first byte; 3. it sees the hang-up
     before the gateway's own read timeout would have closed the request anyway."""
     upstream = fleet.upstreams["slow"]
@@ -227,13 +234,25 @@ def test_client_giving_up_before_the_first_byte_cancels_the_upstream_request(fle
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{fleet.base}/v1/chat/completions",
-            json=chat("slow", stream=True),
+            json=chat("slow", stream=is_stream),
             headers=AUTH,
             timeout=httpx.Timeout(10, read=0.3),
         )
     after = wait_for_stats(upstream, "cancelled", before["cancelled"] + 1, timeout=READ_TIMEOUT)
     assert time.monotonic() - started < READ_TIMEOUT * 0.9
     assert after["started"] == before["started"]
+    assert gateway_metric(fleet, "enginegate_requests_in_flight", model="slow") == 0
+
+
+def gateway_metric(fleet: Fleet, name: str, **labels: str) -> float:
+    """A sample of the gateway's own /metrics (summed over the other labels)."""
+    page = httpx.get(f"{fleet.base}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def wait_for_stats(upstream: Upstream, key: str, value: int, timeout: float) -> dict[str, int]:
@@ -324,9 +343,24 @@ def test_chunked_body_over_the_limit_is_refused_before_it_ends(fleet: Fleet) -> 
     port = int(fleet.base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-        reply = sock.recv(65536)  # no terminating 0-size chunk was sent
+        reply = _read_reply(sock)  # no terminating 0-size chunk was sent
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
     assert b'"code":"request_too_large"' in reply
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """One response with a content-length, head and body: they may come in separate reads."""
+    reply = b""
+    while b"\r\n\r\n" not in reply and (data := sock.recv(65536)):
+        reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+         if line.startswith(b"content-length:")), 0,
+    )  # fmt: skip
+    while len(body) < length and (data := sock.recv(65536)):
+        body += data
+    return head + b"\r\n\r\n" + body
 
 
 def test_503_from_one_replica_is_retried_on_the_other(fleet: Fleet) -> None:
