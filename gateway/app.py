@@ -16,7 +16,7 @@ from gateway.admin import AdminAuth, admin_router
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.errors import install_handlers
-from gateway.hotpath import HotPath
+from gateway.hotpath import GatewayApp
 from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -52,11 +52,10 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
             await upstream.close()
             await client.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="enginegate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
-    app.state.gateway = gateway
-    app.add_middleware(HotPath, gateway=gateway)
+    app.gateway = app.state.gateway = gateway
     install_handlers(app)
     app.include_router(router)
     scraper = EngineScraper(supervisor, client, metrics.registry)

@@ -1,15 +1,17 @@
-"""The OpenAI routes that carry the traffic, served as plain ASGI in front of FastAPI.
+"""The OpenAI routes that carry the traffic, answered before FastAPI's own stack.
 
 POST /v1/chat/completions, /v1/completions and /v1/embeddings go straight to the proxy;
-everything else (models, health, metrics, admin, the status page) goes to the FastAPI app.
-FastAPI's routing, dependency solving and exception middleware cost more CPU per request than
-the whole proxy does (`python -m bench.overhead --profile`), and these routes need none of it.
+everything else (models, health, metrics, admin, the status page) is FastAPI as usual.
+FastAPI's middleware, routing and dependency solving cost more CPU per request than the
+whole proxy does (`python -m bench.overhead --profile`: its telemetry check alone reads the
+environment on every request), and these routes need none of it.
 """
 
 import logging
 
+from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.state import Gateway
@@ -23,15 +25,13 @@ PROXIED = {
 }
 
 
-class HotPath:
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
+class GatewayApp(FastAPI):
+    gateway: Gateway  # set by create_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = PROXIED.get(scope["path"]) if scope["type"] == "http" else None
         if path is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
         request = Request(scope, receive)
         try:

@@ -127,14 +127,13 @@ class Proxy:
         policy = self.policies[model]
         body = call.upstream_body()
         key = policy.key_for(body[1], request.headers)
-        states = ", ".join(f"{w.id} {w.state.value}" for w in workers)
-        last_error: GatewayError = NoReadyReplica(f"no ready replica for `{model}`: {states}")
+        last_error: GatewayError | None = None
         for attempt in range(MAX_ATTEMPTS):
             worker = policy.choose(workers, key, exclude=tried)
             if worker is None:
                 break
             if attempt:
-                self.metrics.retries.labels(model).inc()
+                self.metrics.child(self.metrics.retries, model).inc()
             tried.add(worker.id)
             worker.in_flight += 1
             try:
@@ -155,6 +154,9 @@ class Proxy:
                 last_error = UpstreamFailed(f"worker {worker.id} answered {upstream.status}")
                 continue
             return worker, upstream
+        if last_error is None:
+            states = ", ".join(f"{w.id} {w.state.value}" for w in workers)
+            last_error = NoReadyReplica(f"no ready replica for `{model}`: {states}")
         raise last_error
 
     async def _open(
@@ -193,8 +195,8 @@ class Proxy:
         finally:
             upstream.release()
             call.finish(status)
-        call.count_usage(content)
-        content = rewrite_json(content, call.reply_as, call.splits_tags)
+        content, usage = rewrite_json(content, call.reply_as, call.splits_tags)
+        call.add_usage(usage)
         media_type = upstream.headers.get("content-type", "application/json")
         return Response(content, status_code=status, media_type=media_type)
 
@@ -265,17 +267,18 @@ class Call:
         return self.worker is not None and is_split_by_gateway(self.worker.slot.model.reasoning)
 
     async def admit(self) -> None:
-        queued = self.metrics.queued.labels(self.model)
+        m = self.metrics
+        queued = m.child(m.queued, self.model)
         queued.inc()
         try:
             await self.admission.enter()
         except GatewayError as exc:
-            self.metrics.requests.labels(self.model, str(exc.status), self.principal).inc()
+            m.child(m.requests, self.model, str(exc.status), self.principal).inc()
             raise
         finally:
             queued.dec()
         self.is_admitted = True
-        self.metrics.in_flight.labels(self.model).inc()
+        m.child(m.in_flight, self.model).inc()
 
     def upstream_body(self) -> tuple[bytes, dict]:
         """The body to send: streams always ask for usage, so tokens can be counted."""
@@ -303,39 +306,49 @@ class Call:
         """Await `sending`, but cancel it and raise ClientGone if the client leaves first.
 
         A non-streaming engine answers only when generation is done, so without this a client
-        that hangs up would leave the engine generating for nobody.
+        that hangs up would leave the engine generating for nobody. Built like asyncio.timeout
+        (the client leaving cancels this task, and uncancel() tells that from other
+        cancellations) rather than with a second task per request.
         """
-        assert self._client_left is not None
-        send = asyncio.ensure_future(sending)
-        await asyncio.wait((send, self._client_left), return_when=asyncio.FIRST_COMPLETED)
-        if send.done():
-            return send.result()
-        send.cancel()
-        raise ClientGone("client disconnected")
+        left = self._client_left
+        task = asyncio.current_task()
+        assert left is not None and task is not None
+        waiting, cancelled = True, False
+
+        def on_leave(_: object) -> None:
+            nonlocal cancelled
+            if waiting and not left.cancelled():
+                cancelled = True
+                task.cancel()
+
+        left.add_done_callback(on_leave)
+        try:
+            return await sending
+        except asyncio.CancelledError:
+            if cancelled and task.uncancel() == 0:
+                raise ClientGone("client disconnected") from None
+            raise
+        finally:
+            waiting = False
+            left.remove_done_callback(on_leave)
 
     def saw_chunk(self) -> None:
         now = time.perf_counter()
         if self.last_chunk is None:
-            self.metrics.ttft.labels(self.model).observe(now - self.started)
-            self._itl = self.metrics.itl.labels(self.model)
+            self.metrics.child(self.metrics.ttft, self.model).observe(now - self.started)
+            self._itl = self.metrics.child(self.metrics.itl, self.model)
         else:
             self._itl.observe(now - self.last_chunk)
         self.last_chunk = now
 
-    def count_usage(self, content: bytes) -> None:
-        try:
-            usage = json.loads(content).get("usage")
-        except (ValueError, AttributeError):
-            return
-        self.add_usage(usage)
-
     def add_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
+        m = self.metrics
         for kind in ("prompt", "completion"):
             tokens = usage.get(f"{kind}_tokens")
             if isinstance(tokens, int) and tokens > 0:
-                self.metrics.tokens.labels(self.model, self.principal, kind).inc(tokens)
+                m.child(m.tokens, self.model, self.principal, kind).inc(tokens)
 
     def finish(self, status: int) -> None:
         if self.is_finished:
@@ -345,11 +358,12 @@ class Call:
             self._client_left.cancel()
         if self.worker is not None:
             self.worker.in_flight -= 1
+        m = self.metrics
         if self.is_admitted:
             self.admission.leave()
-            self.metrics.in_flight.labels(self.model).dec()
-        self.metrics.requests.labels(self.model, str(status), self.principal).inc()
-        self.metrics.duration.labels(self.model).observe(time.perf_counter() - self.started)
+            m.child(m.in_flight, self.model).dec()
+        m.child(m.requests, self.model, str(status), self.principal).inc()
+        m.child(m.duration, self.model).observe(time.perf_counter() - self.started)
 
 
 class RelayResponse(Response):

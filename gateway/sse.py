@@ -75,19 +75,20 @@ def rewrite_body(obj: dict[str, Any], model: str) -> bool:
     return changed
 
 
-def rewrite_json(raw: bytes, model: str, split_tags: bool = False) -> bytes:
-    """A non-streaming body, normalised; bytes that are not a JSON object pass unchanged."""
+def rewrite_json(raw: bytes, model: str, split_tags: bool = False) -> tuple[bytes, Any]:
+    """A non-streaming body, normalised, and its `usage` (parsed once for both); bytes that
+    are not a JSON object pass unchanged."""
     try:
         obj = json.loads(raw)
     except ValueError:
-        return raw
+        return raw, None
     if not isinstance(obj, dict):
-        return raw
+        return raw, None
     messages = [c.get("message") for c in obj.get("choices") or () if isinstance(c, dict)]
     split = [split_message(m) for m in messages if split_tags and isinstance(m, dict)]
     if rewrite_body(obj, model) or any(split):
-        return _dumps(obj)
-    return raw
+        return _dumps(obj), obj.get("usage")
+    return raw, obj.get("usage")
 
 
 class EventRewriter:

@@ -84,13 +84,13 @@ def test_non_streaming_message_gets_both_fields():
             {"index": 0, "message": {"role": "assistant", "content": "Hi", "reasoning": "Hm"}}
         ],
     }
-    out = json.loads(rewrite_json(json.dumps(body).encode(), "r1"))
+    out = json.loads(rewrite_json(json.dumps(body).encode(), "r1")[0])
     message = out["choices"][0]["message"]
     assert message["reasoning"] == message["reasoning_content"] == "Hm"
 
 
 def test_non_json_body_passes_unchanged():
-    assert rewrite_json(b"not json", "r1") == b"not json"
+    assert rewrite_json(b"not json", "r1") == (b"not json", None)
 
 
 def test_crlf_separated_events_are_rewritten():

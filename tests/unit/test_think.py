@@ -162,7 +162,7 @@ def test_non_streaming_message_is_split():
         "model": "r1",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": RAW}}],
     }
-    out = json.loads(rewrite_json(json.dumps(body).encode(), "r1", split_tags=True))
+    out = json.loads(rewrite_json(json.dumps(body).encode(), "r1", split_tags=True)[0])
     message = out["choices"][0]["message"]
     assert message["reasoning"] == message["reasoning_content"] == REASONING
     assert message["content"] == CONTENT
@@ -171,7 +171,7 @@ def test_non_streaming_message_is_split():
 def test_non_streaming_without_split_keeps_the_tags():
     body = {"model": "r1", "choices": [{"index": 0, "message": {"content": RAW}}]}
     raw = json.dumps(body).encode()
-    assert rewrite_json(raw, "r1") == raw
+    assert rewrite_json(raw, "r1")[0] == raw
 
 
 def test_history_messages_get_both_reasoning_fields():
