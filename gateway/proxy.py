@@ -95,17 +95,16 @@ class Proxy:
         return RelayResponse(self._relay(call, upstream), headers or SSE_HEADERS)
 
     async def _read_body(self, request: Request) -> tuple[bytes, dict[str, Any]]:
-        too_large = TooLarge(f"request body over {self.max_body_bytes} bytes")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
-            raise too_large
+            raise self._too_large()
         # A running count, not request.body(): a chunked body announces no length, and
         # buffering all of it before refusing would let one client fill the gateway's memory.
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise too_large
+                raise self._too_large()
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
@@ -117,6 +116,9 @@ class Proxy:
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         return raw, body
+
+    def _too_large(self) -> TooLarge:
+        return TooLarge(f"request body over {self.max_body_bytes} bytes")
 
     async def _send(
         self, call: "Call", request: Request, workers: list[Worker], path: str

@@ -109,6 +109,11 @@ class EventRewriter:
         self._splitters: dict[int, ThinkSplitter] | None = {} if split_tags else None
 
     def feed(self, data: bytes) -> bytes:
+        end = data.find(b"\n\n")
+        if not self._pending and 0 <= end == len(data) - 2 and b"\r\n\r\n" not in data:
+            # The common case, one whole event per read: no buffering, no slicing.
+            rewritten = self._rewrite_event(data[:-2])
+            return b"" if rewritten is None else rewritten + b"\n\n"
         self._pending += data
         out = []
         while True:
