@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.loopback import from_httpx, serve
 
 from backends.supervisor import Supervisor, Timings, WorkerState
 from gateway.app import create_app
 from gateway.config import Config, ConfigError, load_config, plan_workers
-from tests.fakes.loopback import from_httpx, serve
 
 USER, ADMIN, METRICS = "sk-user-1111", "sk-admin-2222", "mt-3333"
 FAST = Timings(startup_poll=0.01, health_interval=0.02, health_timeout=1, stop_grace=1)

@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes.loopback import from_httpx, serve
 
 from backends.supervisor import Supervisor, Timings
 from gateway.app import create_app
 from gateway.config import Config, plan_workers
-from tests.fakes.loopback import from_httpx, serve
 
 KEY = "sk-user-5555"
 AUTH = {"Authorization": f"Bearer {KEY}"}

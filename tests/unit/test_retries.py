@@ -13,6 +13,7 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
+from fakes.loopback import Handler, serve
 
 from backends.base import Slot
 from backends.spec import ModelSpec
@@ -21,7 +22,6 @@ from gateway.app import create_app
 from gateway.config import Config, GatewayConfig
 from gateway.errors import UpstreamFailed, UpstreamTimeout
 from gateway.upstream import sort_failure
-from tests.fakes.loopback import Handler, serve
 
 KEY = "sk-retries-1111"
 FAST = Timings(startup_poll=0.01, health_interval=60, health_timeout=1, stop_grace=1)
