@@ -217,7 +217,9 @@ class Proxy:
             yield rewriter.flush()
         except FAILURES as exc:
             if call.client_gone:
-                status = ClientGone.status
+                # A client may hang up right after [DONE], before the engine's last bytes: the
+                # answer was whole all the same.
+                status = 200 if rewriter.is_done else ClientGone.status
             else:
                 status = 502
                 assert call.worker is not None

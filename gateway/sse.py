@@ -104,6 +104,7 @@ class EventRewriter:
         self.model = model
         self.strip_usage = strip_usage
         self.usage: dict[str, Any] | None = None
+        self.is_done = False  # `data: [DONE]` went through: the answer is complete
         self._model_bytes = f'"model":"{model}"'.encode()
         self._pending = b""
         self._splitters: dict[int, ThinkSplitter] | None = {} if split_tags else None
@@ -134,8 +135,11 @@ class EventRewriter:
 
     def _rewrite_event(self, event: bytes) -> bytes | None:
         """The event's new bytes; None drops it."""
+        if not event.startswith(b"data: {"):
+            self.is_done = self.is_done or event.startswith(b"data: [DONE]")
+            return event
         has_usage = b'"usage":{' in event or b'"usage": {' in event
-        if not event.startswith(b"data: {") or not (has_usage or self._may_change(event)):
+        if not (has_usage or self._may_change(event)):
             return event
         try:
             obj = json.loads(event[6:])

@@ -338,12 +338,15 @@ def test_kill_9_of_one_engine_loses_no_request(fleet: Fleet) -> None:
         180,
         "both replicas ready and idle",
     )
-    streams = []
-    for i in range(2):  # least outstanding: the second one goes to the idle replica
-        stream = StreamReader(gw, chat(f"Stream {i}", LONG, ignore_eos=True, stream=True))
+    # Least outstanding: the second goes to the idle replica. Both at once: one after the
+    # other, the first (~4 s) once ended before the second had started on a busy CI machine.
+    streams = [
+        StreamReader(gw, chat(f"Stream {i}", LONG, ignore_eos=True, stream=True)) for i in (0, 1)
+    ]
+    for stream in streams:
         stream.start()
+    for i, stream in enumerate(streams):
         assert stream.started.wait(60), f"stream {i} sent nothing in 60 s"
-        streams.append(stream)
     assert [w["in_flight"] for w in workers(gw).values()] == [1, 1]
     victim = workers(gw)["tiny-0"]
     guard = psutil.Process(victim["pid"])

@@ -6,7 +6,7 @@ engine's behaviour belong in tests/e2e with a real engine.
 
     python -m tests.fakes.upstream --port P [--chunks N] [--interval S] [--fail-status 503]
         [--error-style nested|flat|bare|text] [--fail-first K] [--first-byte-delay S]
-        [--drop-after N] [--api-key KEY] [--model ID]
+        [--drop-after N] [--done-linger S] [--api-key KEY] [--model ID]
 
 - POST /v1/chat/completions and /v1/completions: a fixed JSON answer, or with `"stream": true`
   N SSE events (`max_tokens` from the body when it is 1..1000, else --chunks) one --interval
@@ -49,6 +49,7 @@ class Script:
     error_style: str = "nested"
     first_byte_delay: float = 0.0
     drop_after: int = 0  # 0: never; N: cut the connection after N events
+    done_linger: float = 0.0  # seconds between `data: [DONE]` and the end of the response
     api_key: str | None = None
 
 
@@ -94,6 +95,8 @@ class EventStream:
                     # without the final empty chunk: the client sees a truncated body.
                     raise ConnectionAbortedError("--drop-after: cutting the connection")
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+            if script.done_linger:
+                await asyncio.wait([gone], timeout=script.done_linger)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             stats.completed += 1
         finally:
@@ -241,6 +244,7 @@ def main() -> None:
     parser.add_argument("--error-style", choices=styles, default="nested")
     parser.add_argument("--first-byte-delay", type=float, default=0.0)
     parser.add_argument("--drop-after", type=int, default=0)
+    parser.add_argument("--done-linger", type=float, default=0.0)
     parser.add_argument("--api-key", default=None)
     args = vars(parser.parse_args())
     port = args.pop("port")

@@ -44,6 +44,7 @@ UPSTREAMS: dict[str, list[str]] = {
     "slow": ["--first-byte-delay", str(READ_TIMEOUT * 2)],
     "stall": ["--interval", str(READ_TIMEOUT * 2), "--chunks", "3"],  # idles after one event
     "doomed": [],
+    "linger": ["--done-linger", "2", "--chunks", "2"],  # ends the response 2 s after [DONE]
 }
 # gateway model -> (upstream, extra model keys)
 MODELS: dict[str, tuple[str, str]] = {
@@ -220,6 +221,29 @@ def test_client_disconnect_mid_stream_closes_the_upstream_stream(fleet: Fleet) -
     assert after["completed"] == before["completed"]
     assert gateway_metric(fleet, "enginegate_requests_in_flight", model="ok") == 0
     assert gateway_metric(fleet, "enginegate_requests_total", model="ok", status="499") >= 1
+
+
+def test_client_leaving_right_after_done_counts_as_a_whole_answer(fleet: Fleet) -> None:
+    """1. Stream from an upstream that ends its response 2 s after `data: [DONE]`; 2. hang up
+    at [DONE], as SDKs do; 3. the gateway counts a 200, not a 499: the answer was whole."""
+    before = gateway_metric(fleet, "enginegate_requests_total", model="linger", status="200")
+    with httpx.Client(timeout=10) as client:
+        body = chat("linger", stream=True)
+        with client.stream(
+            "POST", f"{fleet.base}/v1/chat/completions", json=body, headers=AUTH
+        ) as response:
+            seen = b""
+            for chunk in response.iter_raw():
+                seen += chunk
+                if b"data: [DONE]" in seen:
+                    break
+    deadline = time.monotonic() + 5
+    while gateway_metric(fleet, "enginegate_requests_in_flight", model="linger"):
+        assert time.monotonic() < deadline, "the request is still in flight"
+        time.sleep(0.05)
+    after = gateway_metric(fleet, "enginegate_requests_total", model="linger", status="200")
+    assert after == before + 1
+    assert gateway_metric(fleet, "enginegate_requests_total", model="linger", status="499") == 0
 
 
 @pytest.mark.parametrize("is_stream", [True, False], ids=["stream", "whole"])
