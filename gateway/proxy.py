@@ -310,31 +310,18 @@ class Call:
         """Await `sending`, but cancel it and raise ClientGone if the client leaves first.
 
         A non-streaming engine answers only when generation is done, so without this a client
-        that hangs up would leave the engine generating for nobody. Built like asyncio.timeout
-        (the client leaving cancels this task, and uncancel() tells that from other
-        cancellations) rather than with a second task per request.
+        that hangs up would leave the engine generating for nobody. (Cancelling this task
+        instead, asyncio.timeout-style, saves a task but let aiohttp's own timer context take
+        the cancellation for a timeout: the engine's connection stayed open.)
         """
         left = self._client_left
-        task = asyncio.current_task()
-        assert left is not None and task is not None
-        waiting, cancelled = True, False
-
-        def on_leave(_: object) -> None:
-            nonlocal cancelled
-            if waiting and not left.cancelled():
-                cancelled = True
-                task.cancel()
-
-        left.add_done_callback(on_leave)
-        try:
-            return await sending
-        except asyncio.CancelledError:
-            if cancelled and task.uncancel() == 0:
-                raise ClientGone("client disconnected") from None
-            raise
-        finally:
-            waiting = False
-            left.remove_done_callback(on_leave)
+        assert left is not None
+        send = asyncio.ensure_future(sending)
+        await asyncio.wait((send, left), return_when=asyncio.FIRST_COMPLETED)
+        if send.done():
+            return send.result()
+        send.cancel()
+        raise ClientGone("client disconnected")
 
     def saw_chunk(self) -> None:
         now = time.perf_counter()
