@@ -61,7 +61,9 @@ class Proxy:
         """Requests admitted or waiting, over every model."""
         return sum(a.in_flight + a.queued for a in self.admissions.values())
 
-    async def forward(self, request: Request, path: str, principal: str) -> Response:
+    async def forward(
+        self, request: Request, path: str, principal: str
+    ) -> "Response | RelayResponse":
         """POST an OpenAI request body to `path` under a replica's /v1 of the requested model."""
         if self.is_draining:
             raise ShuttingDown("the gateway is shutting down; retry on another instance")
@@ -263,7 +265,6 @@ class Call:
         self.is_admitted = False
         self.is_finished = False
         self._client_left: asyncio.Future[None] | None = None
-        self._itl: Any = None  # the histogram's child for this model, looked up once
 
     @property
     def splits_tags(self) -> bool:
@@ -324,12 +325,11 @@ class Call:
         raise ClientGone("client disconnected")
 
     def saw_chunk(self) -> None:
-        now = time.perf_counter()
+        now, m = time.perf_counter(), self.metrics
         if self.last_chunk is None:
-            self.metrics.child(self.metrics.ttft, self.model).observe(now - self.started)
-            self._itl = self.metrics.child(self.metrics.itl, self.model)
+            m.child(m.ttft, self.model).observe(now - self.started)
         else:
-            self._itl.observe(now - self.last_chunk)
+            m.child(m.itl, self.model).observe(now - self.last_chunk)
         self.last_chunk = now
 
     def add_usage(self, usage: Any) -> None:
@@ -357,18 +357,15 @@ class Call:
         m.child(m.duration, self.model).observe(time.perf_counter() - self.started)
 
 
-class RelayResponse(Response):
-    """Streams `chunks` to the client and always closes them, so the upstream closes at once.
-
-    Not Starlette's StreamingResponse: that one starts a task group per response to notice a
-    disconnect, which the Call's watcher does already.
+class RelayResponse:
+    """An ASGI response that streams `chunks` and always closes them, so the upstream closes at
+    once. Not Starlette's StreamingResponse: that one starts a task group per response to
+    notice a disconnect, which the Call's watcher does already.
     """
 
     def __init__(self, chunks: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
         self.chunks = chunks
-        self.status_code = 200
         self.raw_headers = headers
-        self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

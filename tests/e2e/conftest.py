@@ -27,7 +27,7 @@ import openai
 import psutil
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from fakes.metrics import sample_values
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = f"sk-e2e-{secrets.token_hex(8)}"
@@ -273,12 +273,7 @@ class GatewayProcess:
         with httpx.Client(timeout=10, trust_env=False) as client:
             token = {"Authorization": f"Bearer {self.metrics_token}"}
             text = client.get(f"{self.url}/metrics", headers=token).text
-        values = [
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        ]
+        values = sample_values(text, name, **labels)
         return sum(values) if values else None
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from fakes.metrics import sample_values
 
 from gateway.metrics import TTFT_BUCKETS
 
@@ -162,12 +162,7 @@ def gateway_total(gw, name: str, **labels: str) -> float:
     """The sum of the gateway's own samples `name` whose labels include `labels`, right now."""
     token = {"Authorization": f"Bearer {gw.metrics_token}"}
     text = httpx.get(f"{gw.url}/metrics", headers=token, trust_env=False).text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
+    return sum(sample_values(text, name, **labels))
 
 
 def engine_page(gw, worker_id: str) -> str:
@@ -178,9 +173,7 @@ def engine_page(gw, worker_id: str) -> str:
 
 
 def engine_total(page: str, name: str) -> float:
-    return sum(
-        s.value for f in text_string_to_metric_families(page) for s in f.samples if s.name == name
-    )
+    return sum(sample_values(page, name))
 
 
 def promtool_problems(text: str) -> set[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from fakes.metrics import sample_values
 
 from backends.base import Slot
 from backends.spec import ModelSpec
@@ -270,13 +270,7 @@ def test_client_giving_up_before_the_first_byte_cancels_the_upstream_request(
 
 def gateway_metric(fleet: Fleet, name: str, **labels: str) -> float:
     """A sample of the gateway's own /metrics (summed over the other labels)."""
-    page = httpx.get(f"{fleet.base}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(page)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
+    return sum(sample_values(httpx.get(f"{fleet.base}/metrics").text, name, **labels))
 
 
 def wait_for_stats(upstream: Upstream, key: str, value: int, timeout: float) -> dict[str, int]:
