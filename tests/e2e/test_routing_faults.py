@@ -326,19 +326,19 @@ def test_client_disconnect_aborts_the_engine_request(fleet: Fleet, is_stream: bo
 
 @pytest.mark.e2e
 def test_kill_9_of_one_engine_loses_no_request(fleet: Fleet) -> None:
-    """1. Start one long stream on each replica; 2. kill -9 the engine (API server) of tiny-0;
-    3. eight clients send non-streaming requests in a loop for 5 s; 4. every one is answered
-    200, those sent to tiny-0 by a retry on tiny-1 (counted); 5. the stream on tiny-0 ends
-    with an error event and [DONE], the one on tiny-1 completes; 6. tiny-0 comes back and
-    answers requests again."""
+    """1. Start one long stream on each replica; 2. kill -9 the engine (API server) of the
+    victim (tiny-0, or the replica whose stream still runs); 3. eight clients send requests
+    in a loop for 5 s; 4. every one is answered 200, those sent to the victim by a retry on
+    the other replica (counted); 5. the victim's stream ends with an error event and [DONE],
+    the other stream ends whole; 6. the victim comes back and answers requests again."""
     gw = fleet.get()
     metric = "enginegate_retries_total"
     retries = gw.metric(metric, model=MODEL) or 0.0
 
-    # One stream per replica, both running: the setup, tried up to 3 times. Least outstanding
-    # sends the second to the idle replica, but an engine still busy from the tests before
-    # (vLLM may finish an aborted request's step late) can hold one stream's first token
-    # until the other (~4 s) has ended; that run proves nothing, so it is run again.
+    # One stream per replica: least outstanding sends the second to the idle replica. On a
+    # busy 2-core machine one stream (~2-4 s) has at times ended before the other sent its
+    # first token; the victim is then the replica whose stream still runs, and the one that
+    # ended must have ended whole. Tried up to 3 times.
     for _ in range(3):
         wait_for(lambda: all_ready(gw), 180, "both replicas ready and idle")
         streams = [
@@ -349,13 +349,16 @@ def test_kill_9_of_one_engine_loses_no_request(fleet: Fleet) -> None:
             stream.start()
         for i, stream in enumerate(streams):
             assert stream.started.wait(60), f"stream {i} sent nothing in 60 s"
-        placed = [w["in_flight"] for w in workers(gw).values()]
-        if placed == [1, 1]:
+        placed = {w["id"]: w["in_flight"] for w in workers(gw).values()}
+        if sorted(placed.values()) in ([0, 1], [1, 1]):
             break
         for stream in streams:
             stream.join(120)
-    assert placed == [1, 1], [(placed, s.status, s.failure, s.raw[:300]) for s in streams]
-    victim = workers(gw)["tiny-0"]
+    assert sorted(placed.values()) in ([0, 1], [1, 1]), [
+        (placed, s.status, s.failure, s.raw[:300]) for s in streams
+    ]
+    victim_id = next(w for w, n in placed.items() if n == 1)
+    victim = workers(gw)[victim_id]
     guard = psutil.Process(victim["pid"])
     engine = min(guard.children(), key=lambda p: p.create_time())
 
@@ -373,26 +376,26 @@ def test_kill_9_of_one_engine_loses_no_request(fleet: Fleet) -> None:
 
     # At once: a LONG stream can end within 2 s on a quiet engine, and once it has ended the
     # kill cannot cut it. The supervisor notices the dead engine only when its guard exits
-    # (up to 5 s later), so the flood still finds tiny-0 "ready" and refusing connections.
+    # (up to 5 s later), so the flood still finds the victim "ready" and refusing connections.
     alive = [s.is_alive() for s in streams]
     os.kill(engine.pid, signal.SIGKILL)
     killed = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         flood = [pool.submit(client, n) for n in range(8)]
-        time.sleep(5)  # traffic goes on while tiny-0 is down
+        time.sleep(5)  # traffic goes on while the victim is down
         stop.set()
         for future in flood:
             future.result()
     for stream in streams:
         stream.join(120)
-    assert alive == [True, True], (
-        "a stream ended before the kill: the test proved nothing",
+    assert any(alive), (
+        "both streams ended before the kill: the test proved nothing",
         [(s.status, s.failure, len(s.events()), s.raw[-200:]) for s in streams],
     )
 
     retried = (gw.metric(metric, model=MODEL) or 0.0) - retries
-    record_result("kill -9 of tiny-0: non-streaming requests answered", str(dict(statuses)))
-    record_result("kill -9 of tiny-0: requests retried on the other replica", f"{retried:.0f}")
+    record_result(f"kill -9 of {victim_id}: non-streaming requests answered", str(dict(statuses)))
+    record_result(f"kill -9 of {victim_id}: requests retried on the other", f"{retried:.0f}")
     assert set(statuses) == {200}, statuses
     assert retried >= 1, "no request was caught on the killed engine: the test proved nothing"
     endings = sorted((sse_error(s.events()) is not None, s.events()[-1]) for s in streams)
@@ -405,14 +408,14 @@ def test_kill_9_of_one_engine_loses_no_request(fleet: Fleet) -> None:
     def is_back(worker: dict) -> bool:  # restarted, not merely not noticed dead yet
         return worker["restarts"] == victim["restarts"] + 1 and worker["state"] == "ready"
 
-    wait_for(lambda: is_back(workers(gw)["tiny-0"]), RESTART_TIMEOUT, "tiny-0 restarted")
-    record_timing("kill -9 of tiny-0's engine -> ready again", time.monotonic() - killed)
+    wait_for(lambda: is_back(workers(gw)[victim_id]), RESTART_TIMEOUT, f"{victim_id} restarted")
+    record_timing(f"kill -9 of {victim_id}'s engine -> ready again", time.monotonic() - killed)
     url = f"{gw.url}/v1/chat/completions"
     with httpx.Client(timeout=120, trust_env=False, headers=bearer(gw.api_key)) as http:
         for i in range(6):  # idle replicas take turns
             reply = http.post(url, json=chat(f"After the restart {i}", max_tokens=4))
             assert reply.status_code == 200, reply.text
-    assert engine_totals(gw, SUCCEEDED).get("tiny-0", 0) >= 1, "tiny-0 takes no traffic"
+    assert engine_totals(gw, SUCCEEDED).get(victim_id, 0) >= 1, f"{victim_id} takes no traffic"
 
 
 def prefix_workload(gw: GatewayProcess, run: str) -> float:
