@@ -53,7 +53,12 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
             await client.aclose()
 
     app = GatewayApp(
-        title="enginegate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+        title="enginegate",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # no map of the routes for whoever asks without a key
     )
     app.gateway = app.state.gateway = gateway
     install_handlers(app)

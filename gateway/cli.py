@@ -19,6 +19,7 @@ from backends.supervisor import ADAPTERS, Supervisor, Timings
 from gateway import __version__, plan, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
+from gateway.connections import connection_cap, guarded_protocol, raise_fd_limit
 from gateway.logs import setup_logging
 from gateway.progress import Progress
 from gateway.proxy import Proxy
@@ -67,9 +68,11 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
     timings = Timings(stop_grace=g.stop_grace)
     supervisor = Supervisor(slots, g.state_dir, client, progress.on_change, timings)
     app = create_app(config, supervisor, client)
+    max_connections = connection_cap(g.max_connections, raise_fd_limit())
     uvicorn_config = uvicorn.Config(
         app, host=g.host, port=g.port, log_config=None, access_log=g.access_log,
-        timeout_graceful_shutdown=int(g.drain_timeout) or None,
+        http=guarded_protocol(g.header_timeout, max_connections),
+        timeout_keep_alive=g.keepalive_timeout,  # type: ignore[arg-type]  # uvicorn takes floats
     )  # fmt: skip
     server = DrainingServer(uvicorn_config, app.state.gateway.proxy, g.drain_timeout)
     log.info(
@@ -91,8 +94,10 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain before it stops.
 
     First SIGTERM/SIGINT: /ready turns 503 and new requests get 503 while the socket stays
-    open, requests in flight get up to `drain_timeout` to finish, then uvicorn stops as usual
-    (and the lifespan stops the engines). A second signal stops at once.
+    open; requests in flight get what is left of `drain_timeout` (the whole drain: 0 waits for
+    nothing), then uvicorn stops, cancelling what still runs, and the lifespan stops the
+    engines. A second signal stops at once: no more waiting, and the engines' guards kill
+    their trees when the gateway exits.
     """
 
     def __init__(self, config: uvicorn.Config, proxy: Proxy, drain_timeout: float) -> None:
@@ -102,7 +107,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.proxy.is_draining:
-            return super().handle_exit(sig, frame)
+            log.warning("second signal: stopping at once")
+            self.should_exit = self.force_exit = True
+            return
         self.proxy.is_draining = True
         asyncio.get_running_loop().call_soon_threadsafe(
             lambda: asyncio.ensure_future(self._drain_then_exit())
@@ -117,6 +124,9 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.1)
         if self.proxy.pending:
             log.warning("drain timed out with %d requests in flight", self.proxy.pending)
+        # What is left of the drain bounds uvicorn's own wait for open requests (its None
+        # would mean no bound at all).
+        self.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())  # type: ignore[assignment]
         self.should_exit = True
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from backends.base import Slot
 from backends.placement import PlacementError, available_cores, count_gpus, plan
@@ -43,7 +51,19 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(600, gt=0, description="max seconds between upstream bytes")
-    drain_timeout: float = Field(30, ge=0, description="seconds requests get to finish on stop")
+    drain_timeout: float = Field(
+        30, ge=0, description="seconds requests get to finish on stop, in all; 0: do not wait"
+    )
+    send_timeout: float = Field(
+        60, gt=0, description="seconds a client may keep a response waiting by not reading it"
+    )
+    header_timeout: float = Field(
+        10, gt=0, description="seconds a connection has to send a request's headers"
+    )
+    keepalive_timeout: float = Field(5, gt=0, description="seconds an idle connection stays open")
+    max_connections: int = Field(
+        4096, ge=16, description="open client connections; idle ones are closed first past it"
+    )
     stop_grace: float = Field(30, ge=0, description="seconds an engine gets to stop")
     access_log: bool = False
 
@@ -81,6 +101,12 @@ class Config(BaseModel):
 
     gateway: GatewayConfig
     models: list[ModelSpec] = Field(min_length=1)
+    # Environment variables the file read secrets from: engines are started without them.
+    _secret_env: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def secret_env(self) -> frozenset[str]:
+        return self._secret_env
 
 
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
@@ -97,13 +123,22 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     if not isinstance(data, dict):
         raise ConfigError(file, ["expected a mapping with `gateway:` and `models:` at the top"])
     problems: list[str] = []
-    data = _interpolate(data, environ if environ is not None else dict(os.environ), "", problems)
+    read: set[tuple[str, str]] = set()  # (variable, the key path it was read into)
+    environ = environ if environ is not None else dict(os.environ)
+    data = _interpolate(data, environ, "", problems, read)
     if problems:
         raise ConfigError(file, problems)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(error) for error in exc.errors()]) from None
+    secrets = {name for name, path in read if _is_secret(path)}
+    config._secret_env = frozenset(secrets)
+    return config
+
+
+def _is_secret(path: str) -> bool:
+    return any(re.search(rf"(^|\.){key}(\[|$)", path) for key in _SECRET_KEYS)
 
 
 def plan_workers(
@@ -149,14 +184,18 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {context}{exc.problem}"
 
 
-def _interpolate(node: Any, environ: dict[str, str], path: str, problems: list[str]) -> Any:
+def _interpolate(
+    node: Any, environ: dict[str, str], path: str, problems: list[str], read: set[tuple[str, str]]
+) -> Any:
     if isinstance(node, dict):
         return {
-            k: _interpolate(v, environ, f"{path}.{k}" if path else str(k), problems)
+            k: _interpolate(v, environ, f"{path}.{k}" if path else str(k), problems, read)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_interpolate(v, environ, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [
+            _interpolate(v, environ, f"{path}[{i}]", problems, read) for i, v in enumerate(node)
+        ]
     if not isinstance(node, str):
         return node
 
@@ -164,6 +203,7 @@ def _interpolate(node: Any, environ: dict[str, str], path: str, problems: list[s
         if match.group(1) == "$":
             return "$"  # `$$` is a literal dollar
         name, default = match.group(2), match.group(3)
+        read.add((name, path))
         if name in environ:
             return environ[name]
         if default is not None:

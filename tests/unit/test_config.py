@@ -322,3 +322,25 @@ def test_env_may_not_set_the_worker_secret_or_its_devices(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(path)
         assert f"models[0].env: {key}: set by enginegate itself" in str(err.value)
+
+
+def test_variables_read_into_secrets_are_named_for_hiding_from_engines(tmp_path: Path) -> None:
+    """Finding 13: the config knows which environment variables hold the gateway's secrets
+    (API, admin and upstream keys, the metrics token), so engines can be started without them;
+    a variable read for anything else stays."""
+    path = write(
+        tmp_path,
+        """\
+        gateway:
+          port: ${PORT}
+          api_keys: ["${USER_KEY}", "literal-key"]
+          admin_keys: ["${ADMIN_KEY}"]
+          metrics_token: ${METRICS:-}
+        models:
+          - {name: far, backend: external, url: "http://h:1/v1", api_key: "${UPSTREAM_KEY}"}
+          - {name: near, backend: vllm, model: "${MODEL_DIR}", device: cpu}
+        """,
+    )
+    environ = {"PORT": "8001", "USER_KEY": "u", "ADMIN_KEY": "a", "UPSTREAM_KEY": "x"}
+    config = load_config(path, {**environ, "MODEL_DIR": "/m"})
+    assert config.secret_env == {"USER_KEY", "ADMIN_KEY", "METRICS", "UPSTREAM_KEY"}
