@@ -1,13 +1,17 @@
-"""What an engine adapter receives and returns.
+"""What an engine adapter receives and returns, and what it knows about its engine.
 
 An adapter is pure: a `Slot` (one replica's model spec, devices and port) and a secret go in,
-a `Launch` (argv, env, where to probe) comes out. Starting and watching the process is the
-supervisor's job, so adapters are unit-tested by comparing argv lists.
+a `Launch` (argv, env, where to probe and scrape) comes out. Starting and watching the process
+is the supervisor's job, so adapters are unit-tested by comparing argv lists. Every fact that
+differs between engines (flag spellings, memory rule, endpoints) lives in its adapter, so a new
+engine is one adapter module and its tests.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from backends.memory import Budget, Estimate
 from backends.spec import EngineArg, ModelSpec
 
 # Variables that would make engines on one host share ports or join a foreign cluster.
@@ -36,6 +40,7 @@ class Launch:
     served_name: str  # the model id the engine expects in requests
     api_key: str | None = None
     remove_env: tuple[str, ...] = field(default=UNSAFE_ENV)
+    metrics_url: str | None = None  # the engine's Prometheus page; None: not ours to scrape
 
     @property
     def has_process(self) -> bool:
@@ -43,6 +48,33 @@ class Launch:
 
 
 class Adapter(Protocol):
+    """One engine: how to start it, and the facts about it that the rest of enginegate asks."""
+
+    @property
+    def has_process(self) -> bool:
+        """False for a server someone else runs: no process, port, devices or metrics."""
+        ...
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The `device:` values the engine runs on ("cuda", "cpu")."""
+        ...
+
+    @property
+    def pipeline_parallel(self) -> bool:
+        """Whether the engine takes `pp > 1`."""
+        ...
+
+    @property
+    def context_flag(self) -> str | None:
+        """The engine arg that sets the context length, e.g. `max-model-len`."""
+        ...
+
+    @property
+    def reasoning_parsers(self) -> Mapping[str, str]:
+        """enginegate's `reasoning:` spelling -> the engine's `--reasoning-parser` value."""
+        ...
+
     def side_ports(self, spec: ModelSpec) -> int:
         """How many loopback ports besides the HTTP one the engine binds (NCCL store, ...).
 
@@ -55,9 +87,22 @@ class Adapter(Protocol):
         self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
     ) -> Launch: ...
 
+    def memory_budget(
+        self, need: Estimate, total: int, free: int, spec: ModelSpec
+    ) -> Budget | None:
+        """What the engine takes of each GPU (`total` and `free` bytes, the tightest of the
+        replica's) by its own rule and flags; None when it has no rule (nothing runs here)."""
+        ...
+
 
 def local_launch(
-    argv: list[str], env: dict[str, str], spec: ModelSpec, port: int, api_key: str, health: str
+    argv: list[str],
+    env: dict[str, str],
+    spec: ModelSpec,
+    port: int,
+    api_key: str,
+    health: str,
+    metrics: str = "/metrics",
 ) -> Launch:
     """The Launch of an engine on this host: loopback URLs, the spec's env applied last."""
     base = f"http://127.0.0.1:{port}"
@@ -68,6 +113,7 @@ def local_launch(
         health_url=f"{base}{health}",
         served_name=spec.name,
         api_key=api_key,
+        metrics_url=f"{base}{metrics}",
     )
 
 

@@ -1,10 +1,20 @@
-"""An OpenAI-compatible server someone else runs: no process, ready while `/models` answers."""
+"""An OpenAI-compatible server someone else runs: no process, ready while `/models` answers.
+
+It gets no port, no devices and no memory check, and its metrics are its owner's to scrape.
+"""
 
 from backends.base import Launch, Slot
+from backends.memory import Budget, Estimate
 from backends.spec import ModelSpec
 
 
 class ExternalAdapter:
+    has_process = False
+    devices = ("cuda", "cpu")  # `device:` means nothing here; the spec's default is accepted
+    pipeline_parallel = False
+    context_flag = None
+    reasoning_parsers: dict[str, str] = {}  # no flags to pass: only `think_tags` applies
+
     def side_ports(self, spec: ModelSpec) -> int:
         return 0
 
@@ -20,3 +30,8 @@ class ExternalAdapter:
             served_name=spec.upstream_model or spec.name,
             api_key=spec.api_key or None,
         )
+
+    def memory_budget(
+        self, need: Estimate, total: int, free: int, spec: ModelSpec
+    ) -> Budget | None:
+        return None

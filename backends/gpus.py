@@ -78,7 +78,7 @@ def inventory_from_json(text: str, source: str) -> Inventory:
 
 def _from_nvml(nvml: Any | None) -> Inventory:
     if nvml is None:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         nvml = pynvml
     nvml.nvmlInit()

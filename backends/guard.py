@@ -12,7 +12,10 @@ nobody is left to clean up. The guard is small and always there:
   re-parented to it and stay findable as its descendants, even if they left the process group;
 - on SIGTERM it passes SIGTERM to the tree, waits up to the grace period, then SIGKILLs;
 - when the engine's main process exits, anything it left behind is ended too, and the guard
-  exits with the engine's status, so the supervisor sees one process per worker.
+  exits with the engine's status, so the supervisor sees one process per worker;
+- the engine's main process gets SIGKILL from the kernel if the guard itself dies (the OOM
+  killer, a stray `kill -9`), so it cannot outlive the one process that would end it. Its own
+  children stay in the guard's process group, where the gateway still finds them.
 """
 
 import argparse
@@ -22,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -32,9 +36,12 @@ LEFTOVER_GRACE_SECONDS = 5.0
 
 
 class Guard:
-    def __init__(self, argv: list[str], grace: float) -> None:
+    def __init__(
+        self, argv: list[str], grace: float, preexec: Callable[[], None] | None = None
+    ) -> None:
         self.argv = argv
         self.grace = grace
+        self.preexec = preexec
         self.should_stop = False
         self.is_orphaned = False
         self.returncode: int | None = None
@@ -46,7 +53,7 @@ class Guard:
         self.is_orphaned = True
 
     def run(self) -> int:
-        engine = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        engine = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
         stop_deadline: float | None = None
         while self.returncode is None:
             self._reap(engine.pid)
@@ -99,6 +106,17 @@ def _signal_tree(signum: int) -> None:
             pass
 
 
+def die_with(parent: int, libc: ctypes.CDLL) -> Callable[[], None]:
+    """What the engine runs between fork and exec: SIGKILL for it when `parent` dies."""
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before prctl: no signal will ever come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="run an engine; end its tree with it")
     parser.add_argument("--parent", type=int, required=True, help="pid of the gateway")
@@ -109,11 +127,11 @@ def main() -> None:
     if not argv:
         parser.error("no engine command after --")
 
-    guard = Guard(argv, args.grace)
+    libc = ctypes.CDLL(None, use_errno=True)
+    guard = Guard(argv, args.grace, die_with(os.getpid(), libc))
     signal.signal(signal.SIGTERM, guard.handle_sigterm)
     signal.signal(signal.SIGINT, guard.handle_sigterm)
     signal.signal(signal.SIGUSR1, guard.handle_parent_death)
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     # The gateway may have died between fork and prctl: then no signal will ever come.

@@ -15,14 +15,26 @@ set here are checked against LMDeploy's own parser in tests/unit/test_lmdeploy_a
   (503 `initializing` before); it skips the key, but `/metrics` and `/v1/models` need it.
 """
 
+from dataclasses import replace
+
 from backends.base import Launch, Slot, engine_flags, local_launch
-from backends.reasoning import parser_name
+from backends.memory import Budget, Estimate, arg_number, format_gib
+from backends.reasoning import parser_flag
 from backends.spec import ModelSpec
 
 DEFAULT_COMMAND = ("lmdeploy", "serve", "api_server")
+CACHE_SHARE = 0.8  # --cache-max-entry-count's default
+# 0.18 folded its R1/QwQ parsers into `default` and keeps `deepseek-r1` only as a deprecated alias.
+REASONING_PARSERS = {"deepseek_r1": "default", "deepseek_v3": "deepseek-v3", "qwen3": "default"}
 
 
 class LmdeployAdapter:
+    has_process = True
+    devices = ("cuda",)
+    pipeline_parallel = False  # `serve api_server` has no pipeline-parallel flag
+    context_flag = "session-len"
+    reasoning_parsers = REASONING_PARSERS
+
     def side_ports(self, spec: ModelSpec) -> int:
         return 1 if _may_run_pytorch_tp(spec) else 0  # MASTER_PORT
 
@@ -38,9 +50,7 @@ class LmdeployAdapter:
         argv += ["--tp", str(spec.tp)]
         if spec.lmdeploy_backend:
             argv += ["--backend", spec.lmdeploy_backend]
-        reasoning = parser_name(spec.reasoning, "lmdeploy")
-        if reasoning:
-            argv += ["--reasoning-parser", reasoning]
+        argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         argv += engine_flags(spec.engine_args)
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot.gpus))}
         if side_ports:
@@ -48,6 +58,17 @@ class LmdeployAdapter:
             env["MASTER_ADDR"] = "127.0.0.1"
             env["MASTER_PORT"] = str(side_ports[0])
         return local_launch(argv, env, spec, port, api_key, "/health")
+
+    def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
+        """`--cache-max-entry-count` of the memory *free after the weights* is the KV cache."""
+        share = arg_number(spec.engine_args, "cache-max-entry-count", CACHE_SHARE)
+        rule = f"{share:g} x (free {format_gib(free)} - weights - overhead)"
+        after_weights = free - need.weights - need.overhead
+        budget = Budget(free, rule, kv_room=int(share * after_weights))
+        if after_weights <= 0:
+            loaded = format_gib(need.weights + need.overhead)
+            return replace(budget, problem=f"weights + overhead {loaded} > free {format_gib(free)}")
+        return budget
 
 
 def _may_run_pytorch_tp(spec: ModelSpec) -> bool:

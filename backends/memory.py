@@ -17,16 +17,16 @@ context, NCCL buffers, activations and CUDA graphs.
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.spec import ModelSpec
+from backends.spec import EngineArg, ModelSpec
 
 GIB = 1024**3
 OVERHEAD_BYTES = 2 * GIB
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
-CONTEXT_FLAG = {"vllm": "max-model-len", "sglang": "context-length", "lmdeploy": "session-len"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,17 @@ class Estimate:
     @property
     def needed(self) -> int:
         return self.weights + self.overhead + self.kv_for_context
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What an engine takes on each GPU of a replica, by its own rule (its adapter's
+    `memory_budget`); byte figures are per GPU."""
+
+    total: int  # for weights (+ overhead) + KV cache
+    rule: str  # how `total` was reached, for the plan table
+    kv_room: int  # what is left of it for the KV cache
+    problem: str = ""  # why the engine refuses to start whatever the KV cache needs
 
 
 def load_shape(spec: ModelSpec, base_dir: Path) -> ModelShape | str:
@@ -137,8 +148,9 @@ def _mlp_params(cfg: dict[str, Any], hidden: int, layer: int) -> int:
     return 3 * hidden * (experts * width + shared) + hidden * experts
 
 
-def estimate(shape: ModelShape, spec: ModelSpec) -> Estimate:
-    """Per-GPU figures for one replica of `spec` on its engine."""
+def estimate(shape: ModelShape, spec: ModelSpec, context_flag: str | None) -> Estimate:
+    """Per-GPU figures for one replica of `spec`; `context_flag` is the engine arg that sets
+    the context length (the adapter's), None: the model's own."""
     args = spec.engine_args
     dtype, notes = _dtype(shape, args.get("dtype")), []
     if str(args.get("dtype", "auto")) == "auto" and shape.dtype == "float32":
@@ -151,7 +163,7 @@ def estimate(shape: ModelShape, spec: ModelSpec) -> Estimate:
     heads = math.ceil(shape.kv_heads / spec.tp)
     if shape.is_mla:
         notes.append("MLA: one latent per token and layer, held whole by every TP rank")
-    context = _context(args.get(CONTEXT_FLAG.get(spec.backend, "")), shape.max_context)
+    context = _context(args.get(context_flag) if context_flag else None, shape.max_context)
     return Estimate(
         weights=math.ceil(weights / spec.ranks),
         kv_per_token=math.ceil(layers * heads * shape.kv_values * kv_bytes),
@@ -192,3 +204,13 @@ def _context(asked: Any, model_max: int) -> int:
     text = str(asked)
     scale = {"k": 1000, "m": 1000**2, "K": 1024, "M": 1024**2}.get(text[-1], 1)
     return int(float(text[:-1] if scale != 1 else text) * scale)
+
+
+def arg_number(args: Mapping[str, EngineArg], key: str, default: float) -> float:
+    """An engine arg read as a number (`0.9` or `"0.9"`), `default` when unset."""
+    value = args.get(key)
+    return default if value is None else float(value)
+
+
+def format_gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"

@@ -4,14 +4,33 @@ GPUs: every replica holds a block of tp*pp GPUs; blocks never overlap, listed `g
 honoured and the rest are assigned from what is left, lowest index first. CPU: every rank gets
 a share of the cores this process may use; with fewer cores than ranks they are shared (vLLM's
 CPU build needs a core list per rank, not exclusive cores).
+
+Each replica gets a worker id, which names its log and pid record files: the model's name made
+a safe file name (`deepseek-ai/DeepSeek-R1` → `deepseek-ai--DeepSeek-R1`), then `-<replica>`.
 """
 
 import os
+import re
 import shutil
 import subprocess
 
 from backends.base import Slot
 from backends.spec import ModelSpec
+
+_NOT_IN_FILE_NAMES = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def worker_id(name: str, replica: int) -> str:
+    """`org/model` replica 0 → `org--model-0`; every character outside [A-Za-z0-9._-] → `_`.
+
+    The replica suffix means an id is never `.` or `..`, and a `/` never reaches a path, so
+    a name cannot put files outside the state directory.
+    """
+    return f"{_file_name(name)}-{replica}"
+
+
+def _file_name(name: str) -> str:
+    return _NOT_IN_FILE_NAMES.sub("_", name.replace("/", "--"))
 
 
 class PlacementError(ValueError):
@@ -32,15 +51,15 @@ def plan(models: list[ModelSpec], gpu_count: int, cpu_cores: list[int]) -> list[
     slots: list[Slot] = []
     for index, spec in enumerate(models):
         for replica in range(spec.replicas):
-            worker_id = f"{spec.name}-{replica}"
-            if spec.backend == "external":
-                slots.append(Slot(worker_id, spec, replica))
-            elif spec.device == "cpu":
+            wid = worker_id(spec.name, replica)
+            if spec.needs_cpu_cores:
                 ranks = tuple(cpu_ranks.pop(0) for _ in range(spec.ranks))
-                slots.append(Slot(worker_id, spec, replica, cpu_ranks=ranks))
-            else:
+                slots.append(Slot(wid, spec, replica, cpu_ranks=ranks))
+            elif spec.needs_gpus:
                 gpus = _gpu_block(spec, index, replica, free, gpu_count)
-                slots.append(Slot(worker_id, spec, replica, gpus=gpus))
+                slots.append(Slot(wid, spec, replica, gpus=gpus))
+            else:
+                slots.append(Slot(wid, spec, replica))
     return slots
 
 
@@ -55,6 +74,21 @@ def _check_names(models: list[ModelSpec]) -> None:
                     f"models[{index}].{key}", f"{name!r} is already used by {seen[name]}"
                 )
             seen[name] = f"models[{index}]" if key == "name" else f"models[{index}].{key}"
+    _check_worker_ids(models)
+
+
+def _check_worker_ids(models: list[ModelSpec]) -> None:
+    """Two names that differ only where worker ids replace characters would share files."""
+    named: dict[str, str] = {}
+    for index, spec in enumerate(models):
+        base = _file_name(spec.name)
+        if base in named:
+            raise PlacementError(
+                f"models[{index}].name",
+                f"{spec.name!r} and {named[base]!r} give the same worker ids ({base}-N); "
+                "rename one",
+            )
+        named[base] = spec.name
 
 
 def _explicit_gpus(models: list[ModelSpec], gpu_count: int) -> dict[int, str]:
@@ -93,9 +127,7 @@ def _gpus_seen(gpu_count: int) -> str:
 
 def _cpu_ranks(models: list[ModelSpec], cores: list[int]) -> list[str]:
     """Core lists for every CPU rank of every replica, in plan order."""
-    total = sum(
-        m.ranks * m.replicas for m in models if m.backend != "external" and m.device == "cpu"
-    )
+    total = sum(m.ranks * m.replicas for m in models if m.needs_cpu_cores)
     if total == 0:
         return []
     share = max(1, len(cores) // total)
@@ -119,7 +151,7 @@ def available_cores() -> list[int]:
 def count_gpus() -> int:
     """NVIDIA GPUs visible here: NVML when installed, else `nvidia-smi -L`, else none."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         pynvml.nvmlInit()
         try:

@@ -16,13 +16,22 @@ Facts relied on (../shared/ENGINES.md §2, read again in the 0.5.23 wheel):
 """
 
 from backends.base import Launch, Slot, engine_flags, local_launch
-from backends.reasoning import parser_name
+from backends.gpus import MIB
+from backends.memory import Budget, Estimate, arg_number, format_gib
+from backends.reasoning import parser_flag
 from backends.spec import ModelSpec
 
 DEFAULT_COMMAND = ("python3", "-m", "sglang.launch_server")
+REASONING_PARSERS = {"deepseek_r1": "deepseek-r1", "deepseek_v3": "deepseek-v3", "qwen3": "qwen3"}
 
 
 class SglangAdapter:
+    has_process = True
+    devices = ("cuda",)
+    pipeline_parallel = True
+    context_flag = "context-length"
+    reasoning_parsers = REASONING_PARSERS
+
     def side_ports(self, spec: ModelSpec) -> int:
         return 1  # --nccl-port
 
@@ -37,9 +46,33 @@ class SglangAdapter:
         argv += ["--host", "127.0.0.1", "--port", str(port), "--api-key", api_key]
         argv += ["--tp-size", str(spec.tp), "--pp-size", str(spec.pp)]
         argv += ["--nccl-port", str(side_ports[0]), "--enable-metrics"]
-        reasoning = parser_name(spec.reasoning, "sglang")
-        if reasoning:
-            argv += ["--reasoning-parser", reasoning]
+        argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         argv += engine_flags(spec.engine_args)
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot.gpus))}
         return local_launch(argv, env, spec, port, api_key, "/ready")
+
+    def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
+        """`--mem-fraction-static` of *total* holds weights and KV cache; the rest is kept for
+        activations and CUDA graphs, and memory other processes hold comes out of the KV
+        cache. Unset, SGLang picks the fraction itself (`reserve_mib`)."""
+        if "mem-fraction-static" in spec.engine_args:
+            share = arg_number(spec.engine_args, "mem-fraction-static", 0)
+            rule = f"{share:g} x total {format_gib(total)}"
+        else:
+            reserve = reserve_mib(total // MIB, spec.ranks, need.is_mla) * MIB
+            share = round((total - reserve) / total, 3)
+            rule = f"auto {share:g} x total {format_gib(total)}"
+        budget = int(share * total)
+        return Budget(budget, rule, kv_room=budget - need.weights - (total - free))
+
+
+def reserve_mib(total_mib: int, ranks: int, is_mla: bool) -> float:
+    """MiB SGLang keeps outside --mem-fraction-static when it picks the fraction itself
+    (0.5.23 `arg_groups/memory_hook.py`): activations for one prefill chunk, CUDA graphs, a
+    slack per 8 ranks. Its own figure also depends on flags not modelled here (DP attention,
+    speculative decoding, DeepEP)."""
+    sizes = ((20, 2048, 8), (35, 4096, 160), (60, 4096, 160), (160, 8192, 512))
+    chunk, max_bs = next(((c, b) for gib, c, b in sizes if total_mib < gib * 1024), (16384, 512))
+    reserve = 512 + 1.5 * max(chunk, 2048) + ranks / 8 * 1024 + 2 * max_bs
+    reserve += 1.5 * 1024 if is_mla else 0  # prefill CUDA graphs with an MLA backend
+    return max(reserve, 10 * 1024) if total_mib > 60 * 1024 else reserve

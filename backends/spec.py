@@ -105,6 +105,19 @@ class ModelSpec(BaseModel):
         """Devices one replica holds."""
         return self.tp * self.pp
 
+    @property
+    def runs_here(self) -> bool:
+        """An engine enginegate starts on this host; `external` is someone else's server."""
+        return self.backend != "external"
+
+    @property
+    def needs_gpus(self) -> bool:
+        return self.runs_here and self.device == "cuda"
+
+    @property
+    def needs_cpu_cores(self) -> bool:
+        return self.runs_here and self.device == "cpu"
+
     @field_validator("engine_args")
     @classmethod
     def _check_engine_args(cls, args: dict[str, EngineArg]) -> dict[str, EngineArg]:

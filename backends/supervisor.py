@@ -1,12 +1,16 @@
 """Workers and their supervisor.
 
 A `Worker` is one replica: one engine process tree (or one external URL) and its state.
-One asyncio task per worker drives it:
+One asyncio task per worker, which the worker owns, drives it:
 
     starting ──ready──▶ ready ──crash or failed health──▶ restarting ──backoff──▶ starting
         │                  │                                   │
         └── crash, timeout ┴──────── too many in a row ───────▶ failed
     any state ── stop() ──▶ stopped
+
+Whatever goes wrong inside a start (no file descriptor left for a port or the log, a full
+disk, an engine answering nonsense) is logged with its traceback and counted as a failed
+start: the task never dies of it. `Worker.restart()` is the one way to restart a worker.
 
 The gateway reads `state`, `base_url`, `api_key` and keeps `in_flight` for routing; nothing
 here imports the gateway.
@@ -15,31 +19,40 @@ here imports the gateway.
 import asyncio
 import logging
 import os
+import re
 import secrets
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
-from backends.base import Adapter, Launch, Slot
-from backends.external import ExternalAdapter
-from backends.lmdeploy import LmdeployAdapter
+from backends.adapters import ADAPTERS
+from backends.base import Launch, Slot
 from backends.ports import PortAllocator
-from backends.process import EngineProcess, end_leftovers, tail
-from backends.sglang import SglangAdapter
-from backends.vllm import VllmAdapter
+from backends.probe import Probe, probe
+from backends.process import EngineProcess, end_leftovers, kill_tree, tail
 
 log = logging.getLogger("enginegate.supervisor")
 
-ADAPTERS: dict[str, Adapter] = {
-    "vllm": VllmAdapter(),
-    "sglang": SglangAdapter(),
-    "lmdeploy": LmdeployAdapter(),
-    "external": ExternalAdapter(),
-}
+LAST_ERROR_LINES = 30
+# What one start ended with. Only "restart requested" and "stopping" are not failures.
+Outcome = Literal[
+    "ready",
+    "exited",
+    "timeout",
+    "port taken",
+    "error",
+    "unhealthy",
+    "restart requested",
+    "stopping",
+]
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+_ENGINEGATE_ENV = "ENGINEGATE_"  # the gateway's own settings and keys, never an engine's
 
 
 class WorkerState(StrEnum):
@@ -71,6 +84,26 @@ def backoff(failures: int, timings: Timings = Timings()) -> float:
     return float(min(timings.backoff_base * 2 ** max(0, failures - 1), timings.backoff_max))
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as the admin API and the status page show it: a copy, read at one moment."""
+
+    id: str
+    model: str
+    backend: str
+    state: WorkerState
+    gpus: tuple[int, ...]
+    cpu_ranks: tuple[str, ...]
+    port: int | None
+    pid: int | None
+    url: str | None
+    uptime_seconds: float | None
+    restarts: int
+    last_start_seconds: float | None
+    in_flight: int
+    last_error: tuple[str, ...]
+
+
 class Worker:
     def __init__(
         self,
@@ -80,7 +113,10 @@ class Worker:
         state_dir: Path,
         on_change: Callable[["Worker"], None] = lambda worker: None,
         timings: Timings = Timings(),
+        hidden_env: frozenset[str] = frozenset(),
     ) -> None:
+        if not _SAFE_ID.fullmatch(slot.worker_id) or slot.worker_id in (".", ".."):
+            raise ValueError(f"worker id {slot.worker_id!r} is not a safe file name")
         self.slot = slot
         self.id = slot.worker_id
         self.model_name = slot.model.name
@@ -100,7 +136,10 @@ class Worker:
         self._client = client
         self._on_change = on_change
         self._timings = timings
+        self._hidden_env = hidden_env
         self._adapter = ADAPTERS[slot.model.backend]
+        self._task: asyncio.Task[None] | None = None
+        self._ready_at: float | None = None  # when the current start became ready
         self._stopping = asyncio.Event()
         self._restart_requested = asyncio.Event()
 
@@ -121,27 +160,124 @@ class Worker:
     def upstream_model(self) -> str:
         return self.launch.served_name if self.launch else self.model_name
 
-    def _set(self, state: WorkerState) -> None:
-        if state is not self.state:
-            self.state = state
-            self._on_change(self)
+    def view(self) -> WorkerView:
+        is_up = self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNHEALTHY)
+        uptime = time.monotonic() - self.started_at if is_up and self.started_at else None
+        return WorkerView(
+            id=self.id,
+            model=self.model_name,
+            backend=self.slot.model.backend,
+            state=self.state,
+            gpus=self.slot.gpus,
+            cpu_ranks=self.slot.cpu_ranks,
+            port=self.port,
+            pid=self.process.pid if self.process else None,
+            url=self.launch.base_url if self.launch else None,
+            uptime_seconds=uptime,
+            restarts=self.restarts,
+            last_start_seconds=self.ready_seconds,
+            in_flight=self.in_flight,
+            last_error=tuple(self.last_error[-LAST_ERROR_LINES:]),
+        )
+
+    def start(self) -> None:
+        """Start supervising: the state is STARTING when this returns. No effect while the
+        worker's task runs, or once stop() was called."""
+        if self._stopping.is_set() or (self._task is not None and not self._task.done()):
+            return
+        self._set(WorkerState.STARTING)
+        self._task = asyncio.create_task(self._run(), name=f"worker {self.id}")
+
+    def restart(self) -> None:
+        """Restart now, decided here and at once; callers need not look at the state first.
+
+        - The task runs (starting, ready, unhealthy, backing off): the worker leaves rotation
+          (RESTARTING on return), its requests in flight finish, its engine is ended and a
+          fresh one started without backoff. A restart, not a failure.
+        - The task has ended (failed, or anything else that ended it): a new task, with its
+          failure count at zero (STARTING on return).
+        - After stop(): nothing.
+
+        Two calls in a row give one engine: the second finds the first one's task running.
+        """
+        if self._stopping.is_set():
+            return
+        if self._task is None or self._task.done():
+            self.start()
+        else:
+            self._set(WorkerState.RESTARTING)
+            self._restart_requested.set()
+
+    async def stop(self) -> None:
+        """End supervision: when this returns the engine tree is gone and the state STOPPED."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.wait([self._task])  # never raises, even if the task was cancelled
+            if not self._task.cancelled() and self._task.exception() is not None:
+                log.error("worker %s: its task ended", self.id, exc_info=self._task.exception())
+        await self._end_process("stopping")  # left by a task that did not end normally
+        self._set(WorkerState.STOPPED)
 
     def plan_launch(self) -> Launch:
         """Fresh ports and secret for the next start (a dead engine's ports may linger)."""
         for port in (self.port, *self.side_ports):
             if port is not None:
                 self._ports.release(port)
-        self.port = self._ports.allocate() if self.slot.model.backend != "external" else None
+        self.port, self.side_ports = None, ()
+        self.port = self._ports.allocate() if self._adapter.has_process else None
         count = self._adapter.side_ports(self.slot.model)
         self.side_ports = tuple(self._ports.allocate() for _ in range(count))
         secret = secrets.token_urlsafe(32)
         return self._adapter.launch(self.slot, self.port or 0, secret, self.side_ports)
 
-    async def run(self) -> None:
-        """Keep the worker ready until stop() or a crash loop. Never raises."""
+    def _set(self, state: WorkerState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        try:
+            self._on_change(self)
+        except Exception:
+            log.exception("worker %s: on_change failed", self.id)
+
+    async def _run(self) -> None:
+        """The worker's task: keep it ready until stop() or a crash loop. Never raises."""
+        await self._end_process("stopping")  # an engine left by a task that was cancelled
         failures = 0
         while not self._stopping.is_set():
             self._restart_requested.clear()
+            outcome = await self._start_once()
+            if self._stopping.is_set():
+                break
+            if outcome == "restart requested":
+                self._set(WorkerState.RESTARTING)  # out of rotation while it drains
+                self.restarts += 1
+                await self._end_process(outcome)
+                continue  # at once: an operator's restart is not a failure, so no backoff
+            if self._stayed_up():
+                failures = 0  # a new crash, not a crash loop
+            failures += 1
+            # Out of rotation before the engine is ended: its port may soon be someone else's.
+            self._set(WorkerState.RESTARTING)
+            await self._end_process(outcome)
+            if failures >= self._timings.max_failures:
+                log.error("worker %s failed %d times in a row; giving up", self.id, failures)
+                self._set(WorkerState.FAILED)
+                return
+            self.restarts += 1
+            await self._sleep(backoff(failures, self._timings))
+        await self._end_process("stopping")
+        self._set(WorkerState.STOPPED)
+
+    def _stayed_up(self) -> bool:
+        """Whether the last start became ready and ran `stable_after` since it began."""
+        if self._ready_at is None or self.started_at is None:
+            return False
+        return time.monotonic() - self.started_at > self._timings.stable_after
+
+    async def _start_once(self) -> Outcome:
+        """Start the engine, wait until it is ready, watch it until it ends. Never raises."""
+        self._ready_at = None
+        try:
             self.launch = self.plan_launch()
             self._set(WorkerState.STARTING)
             self.started_at = time.monotonic()
@@ -154,46 +290,29 @@ class Worker:
                     self._timings.stop_grace,
                 )
             outcome = await self._wait_ready()
-            if outcome == "ready":
-                self.ready_seconds = time.monotonic() - self.started_at
-                self._set(WorkerState.READY)
-                outcome = await self._watch()
-                if time.monotonic() - self.started_at > self._timings.stable_after:
-                    failures = 0
-            if self._stopping.is_set():
-                break
-            if outcome == "restart requested":
-                self._set(WorkerState.RESTARTING)  # out of rotation while it drains
-                self.restarts += 1
-                await self._end_process(outcome)
-                continue  # at once: an operator's restart is not a failure, so no backoff
-            failures += 1
-            await self._end_process(outcome)
-            if failures >= self._timings.max_failures:
-                log.error("worker %s failed %d times in a row; giving up", self.id, failures)
-                self._set(WorkerState.FAILED)
-                return
-            self._set(WorkerState.RESTARTING)
-            self.restarts += 1
-            await self._sleep(backoff(failures, self._timings))
-        await self._end_process("stopping")
-        self._set(WorkerState.STOPPED)
-
-    async def stop(self) -> None:
-        """Ask run() to end; the caller awaits the run task to know the tree is gone."""
-        self._stopping.set()
-
-    def request_restart(self) -> None:
-        """Ask run() to end the engine (letting requests in flight finish) and start a fresh
-        one now. It counts as a restart, not as a failure. No effect once stop() was called."""
-        self._restart_requested.set()
+            if outcome != "ready":
+                return outcome
+            self._ready_at = time.monotonic()
+            self.ready_seconds = self._ready_at - self.started_at
+            self._set(WorkerState.READY)
+            return await self._watch()
+        except Exception:
+            log.exception("worker %s: start or supervision failed", self.id)
+            self.last_error = traceback.format_exc().splitlines()[-LAST_ERROR_LINES:]
+            return "error"
 
     def _child_env(self, launch: Launch) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in launch.remove_env}
+        """The gateway's environment minus its secrets and what would mix engines up."""
+        hidden = self._hidden_env.union(launch.remove_env)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in hidden and not k.startswith(_ENGINEGATE_ENV)
+        }
         env.update(launch.env)
         return env
 
-    async def _wait_ready(self) -> str:
+    async def _wait_ready(self) -> Outcome:
         assert self.started_at is not None
         deadline = self.started_at + self.slot.model.startup_timeout
         while not self._stopping.is_set():
@@ -203,19 +322,27 @@ class Worker:
                 return "timeout"  # an external server has no deadline: it may come later
             if self._restart_requested.is_set():
                 return "restart requested"
-            if await self.probe(full=True):
+            answer = await self._probe(full=True)
+            if answer == "ok":
                 return "ready"
+            if answer == "port taken":
+                self._port_taken()
+                return "port taken"
             await self._sleep(self._timings.startup_poll)
         return "stopping"
 
-    async def _watch(self) -> str:
+    async def _watch(self) -> Outcome:
         misses = 0
         while not self._stopping.is_set():
             if self.process and self.process.returncode is not None:
                 return "exited"
             if self._restart_requested.is_set():
                 return "restart requested"
-            if await self.probe(full=self.process is None):
+            answer = await self._probe(full=self.process is None)
+            if answer == "port taken":
+                self._port_taken()
+                return "port taken"
+            if answer == "ok":
                 misses = 0
                 if self.state is WorkerState.UNHEALTHY:
                     self._set(WorkerState.READY)
@@ -231,42 +358,39 @@ class Worker:
             await self._sleep(self._timings.health_interval, until_exit=True)
         return "stopping"
 
-    async def probe(self, full: bool) -> bool:
-        """Liveness from the health URL; `full` also needs the model listed under /models."""
-        launch = self.launch
-        assert launch is not None
+    async def _probe(self, full: bool) -> Probe:
+        assert self.launch is not None
         timeout = self._timings.health_timeout
-        try:
-            if launch.health_url:
-                resp = await self._client.get(launch.health_url, timeout=timeout)
-                if resp.status_code != 200:
-                    return False
-            if not full:
-                return True
-            headers = {"Authorization": f"Bearer {launch.api_key}"} if launch.api_key else {}
-            resp = await self._client.get(
-                f"{launch.base_url}/models", headers=headers, timeout=timeout
-            )
-            if resp.status_code != 200:
-                return False
-            if not launch.has_process:
-                return True  # an external server may list many names or none
-            return any(m.get("id") == launch.served_name for m in resp.json().get("data", []))
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+        return await probe(self._client, self.launch, self.process, self.port, timeout, full)
 
-    async def _end_process(self, why: str) -> None:
-        if self.process is None:
+    def _port_taken(self) -> None:
+        message = (
+            f"worker {self.id}: 127.0.0.1:{self.port} answers, but not from a process of its "
+            "engine: another process holds the port. The worker key was not sent to it; "
+            "starting again on a new port"
+        )
+        log.error(message)
+        self.last_error = [message]
+
+    async def _end_process(self, why: Outcome) -> None:
+        """End the engine tree, if any. Never raises: the tree is killed if stop() fails."""
+        process = self.process
+        if process is None:
             return
-        if why not in ("stopping", "restart requested"):
-            self.last_error = tail(self.log_path, 30)
+        if why in ("exited", "timeout", "unhealthy"):
+            self.last_error = tail(self.log_path, LAST_ERROR_LINES)
             log.warning(
                 "worker %s %s; last log line: %s", self.id, why, (self.last_error or [""])[-1]
             )
-        if why in ("unhealthy", "restart requested"):
-            await self._drain()  # out of rotation already; let what it is answering finish
-        await self.process.stop(self._timings.stop_grace)
-        self.process = None
+        try:
+            if why in ("unhealthy", "restart requested"):
+                await self._drain()  # out of rotation already; let what it is answering finish
+            await process.stop(self._timings.stop_grace)
+        except Exception:
+            log.exception("worker %s: stopping its engine failed; killing it", self.id)
+            kill_tree(process.pid)
+        finally:
+            self.process = None
 
     async def _drain(self) -> None:
         """Wait (up to stop_grace) until no request is in flight on this worker."""
@@ -275,10 +399,10 @@ class Worker:
             await asyncio.sleep(0.2)
 
     async def _sleep(self, seconds: float, until_exit: bool = False) -> None:
-        """Sleep, waking early on stop() or request_restart() (and on the engine's exit when
+        """Sleep, waking early on stop() or restart() (and on the engine's exit when
         until_exit)."""
         events = (self._stopping, self._restart_requested)
-        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(e.wait()) for e in events]
         if until_exit and self.process:
             waits.append(asyncio.ensure_future(self.process.wait()))
         try:
@@ -289,7 +413,11 @@ class Worker:
 
 
 class Supervisor:
-    """Owns every worker; start() launches them all, stop() ends them all."""
+    """Owns every worker; start() launches them all, stop() ends them all.
+
+    `hidden_env` names environment variables no engine may see (those the config read the
+    gateway's keys or an upstream's api_key from); `ENGINEGATE_*` are always left out.
+    """
 
     def __init__(
         self,
@@ -298,11 +426,13 @@ class Supervisor:
         client: httpx.AsyncClient,
         on_change: Callable[[Worker], None] = lambda worker: None,
         timings: Timings = Timings(),
+        hidden_env: frozenset[str] = frozenset(),
     ) -> None:
         self.state_dir = state_dir
         ports = PortAllocator()
-        self.workers = [Worker(s, ports, client, state_dir, on_change, timings) for s in slots]
-        self._tasks: list[asyncio.Task[None]] = []
+        self.workers = [
+            Worker(s, ports, client, state_dir, on_change, timings, hidden_env) for s in slots
+        ]
 
     def by_model(self, name: str) -> list[Worker]:
         return [w for w in self.workers if w.model_name == name]
@@ -310,19 +440,12 @@ class Supervisor:
     def get(self, worker_id: str) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)
 
-    def restart(self, worker: Worker) -> None:
-        """Restart one worker now: a live one ends its engine and starts again; a failed one,
-        whose run() has ended, gets a fresh run() with its failure count back at zero."""
-        if worker.state is WorkerState.FAILED:
-            self._tasks.append(asyncio.create_task(worker.run(), name=f"worker {worker.id}"))
-        else:
-            worker.request_restart()
-
     async def start(self) -> None:
         ended = end_leftovers(self.state_dir / "workers")
         if ended:
-            log.warning("ended %d engine process trees left by an earlier gateway", len(ended))
-        self._tasks = [asyncio.create_task(w.run(), name=f"worker {w.id}") for w in self.workers]
+            log.warning("ended %d engine processes left by an earlier gateway", len(ended))
+        for worker in self.workers:
+            worker.start()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """True once every worker is ready; False if one failed or the timeout passed."""
@@ -337,6 +460,4 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
-        for worker in self.workers:
-            await worker.stop()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(worker.stop() for worker in self.workers))

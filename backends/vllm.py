@@ -1,18 +1,28 @@
 """vLLM: `vllm serve` (GPU builds) or `python -m vllm.entrypoints.openai.api_server` (CPU build).
 
 Facts relied on (../shared/ENGINES.md §1): `/health` answers 200 once the engine is up and the
-port refuses connections before; `/v1/*` is guarded by VLLM_API_KEY; the CPU build needs the mp
-executor and one core list per rank in VLLM_CPU_OMP_THREADS_BIND for tp*pp > 1.
+port refuses connections before; `/metrics` is always on and skips the key; `/v1/*` is guarded
+by VLLM_API_KEY; the CPU build needs the mp executor and one core list per rank in
+VLLM_CPU_OMP_THREADS_BIND for tp*pp > 1.
 """
 
 from backends.base import Launch, Slot, engine_flags, local_launch
-from backends.reasoning import parser_name
+from backends.memory import Budget, Estimate, arg_number, format_gib
+from backends.reasoning import parser_flag
 from backends.spec import ModelSpec
 
 DEFAULT_COMMAND = ("vllm", "serve")
+UTILIZATION = 0.92  # --gpu-memory-utilization's default
+REASONING_PARSERS = {"deepseek_r1": "deepseek_r1", "deepseek_v3": "deepseek_v3", "qwen3": "qwen3"}
 
 
 class VllmAdapter:
+    has_process = True
+    devices = ("cuda", "cpu")
+    pipeline_parallel = True
+    context_flag = "max-model-len"
+    reasoning_parsers = REASONING_PARSERS
+
     def side_ports(self, spec: ModelSpec) -> int:
         return 0  # one host, no DP: ZMQ over IPC and a file-store rendezvous (ENGINES.md 1.2)
 
@@ -24,9 +34,7 @@ class VllmAdapter:
         argv += ["--model", str(spec.model), "--served-model-name", spec.name]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         argv += ["--tensor-parallel-size", str(spec.tp), "--pipeline-parallel-size", str(spec.pp)]
-        reasoning = parser_name(spec.reasoning, "vllm")
-        if reasoning:
-            argv += ["--reasoning-parser", reasoning]
+        argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         args = dict(spec.engine_args)
         if spec.ranks > 1 and spec.device == "cpu":
             args.setdefault("distributed-executor-backend", "mp")
@@ -40,6 +48,18 @@ class VllmAdapter:
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
         return local_launch(argv, env, spec, port, api_key, "/health")
+
+    def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
+        """`--gpu-memory-utilization` of *total* memory holds weights, activations and the KV
+        cache, and vLLM refuses to start unless that much is free."""
+        share = arg_number(spec.engine_args, "gpu-memory-utilization", UTILIZATION)
+        rule = f"{share:g} x total {format_gib(total)}"
+        budget = int(share * total)
+        kv_room = budget - need.weights - need.overhead
+        if budget > free:
+            problem = f"{rule} = {format_gib(budget)} > free {format_gib(free)}"
+            return Budget(budget, rule, kv_room, problem)
+        return Budget(budget, rule, kv_room)
 
 
 def _gib(value: float) -> str:

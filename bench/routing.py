@@ -53,7 +53,8 @@ def engine_env() -> dict[str, str]:
 
 
 def workload(tenants: int, questions: int, prompt_chars: int, seed: int) -> list[list[dict]]:
-    """Chat messages for every request, tenants interleaved at random."""
+    """Chat messages for every request, tenants interleaved at random (seeded: the same list
+    for every policy). tests/gpu/test_layouts_gpu.py drives the same workload on GPUs."""
     rng = random.Random(seed)
     prompts = []
     for t in range(tenants):

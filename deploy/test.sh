@@ -20,4 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # gateway/ and backends/, as [tool.mypy] in pyproject.toml says
 exec .venv/bin/pytest "$@"

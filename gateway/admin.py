@@ -17,8 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from backends.adapters import ADAPTERS
 from backends.process import tail
-from backends.supervisor import Supervisor, Worker, WorkerState
+from backends.supervisor import Supervisor, Worker, WorkerView
 from gateway import __version__
 from gateway.auth import KeyRing, bearer_token
 from gateway.errors import Forbidden, NotFound, Unauthorized
@@ -27,7 +28,6 @@ from gateway.metrics import Metrics
 from gateway.state import Gateway
 
 MAX_LOG_LINES = 5000
-LAST_ERROR_LINES = 30  # what the supervisor keeps of a crashed engine's log
 
 
 class AdminAuth:
@@ -71,7 +71,7 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
             "uptime_seconds": round(time.monotonic() - gateway.started, 1),
             "time": time.time(),
             "models": models(gateway),
-            "workers": [describe(w) for w in supervisor.workers],
+            "workers": [describe(w.view()) for w in supervisor.workers],
             "gpus": [vars(gpu) for gpu in gpus.read()],
             "totals": totals(gateway.metrics),
         }
@@ -79,16 +79,18 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
     @router.get("/workers")
     async def workers(request: Request) -> dict[str, Any]:
         auth.authenticate(request)
-        return {"object": "list", "data": [describe(w) for w in supervisor.workers]}
+        return {"object": "list", "data": [describe(w.view()) for w in supervisor.workers]}
 
-    @router.post("/workers/{worker_id}/restart")
+    # `:path`: an id never holds a `/` now, but a route that cannot match one would answer 404
+    # for a worker that exists, as it did when ids were model names verbatim.
+    @router.post("/workers/{worker_id:path}/restart")
     async def restart(request: Request, worker_id: str) -> JSONResponse:
         auth.authenticate(request)
         worker = worker_or_404(worker_id)
-        supervisor.restart(worker)
+        worker.restart()
         return JSONResponse({"id": worker.id, "state": worker.state.value, "restarting": True}, 202)
 
-    @router.get("/workers/{worker_id}/log")
+    @router.get("/workers/{worker_id:path}/log")
     async def log(request: Request, worker_id: str, lines: int = 200) -> PlainTextResponse:
         auth.authenticate(request)
         worker = worker_or_404(worker_id)
@@ -98,37 +100,34 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
     return router
 
 
-def describe(worker: Worker) -> dict[str, Any]:
+def describe(worker: WorkerView) -> dict[str, Any]:
     """One worker as the admin API, the status page and `enginegate status` show it."""
-    slot = worker.slot
-    is_up = worker.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNHEALTHY)
-    uptime = time.monotonic() - worker.started_at if is_up and worker.started_at else None
+    uptime = worker.uptime_seconds
     return {
         "id": worker.id,
-        "model": worker.model_name,
-        "backend": slot.model.backend,
+        "model": worker.model,
+        "backend": worker.backend,
         "state": worker.state.value,
         "devices": devices(worker),
-        "gpus": list(slot.gpus),
+        "gpus": list(worker.gpus),
         "port": worker.port,
-        "pid": worker.process.pid if worker.process else None,
-        "url": worker.launch.base_url if worker.launch else None,
+        "pid": worker.pid,
+        "url": worker.url,
         "uptime_seconds": round(uptime, 1) if uptime is not None else None,
         "restarts": worker.restarts,
-        "last_start_seconds": worker.ready_seconds,
+        "last_start_seconds": worker.last_start_seconds,
         "in_flight": worker.in_flight,
-        "last_error": worker.last_error[-LAST_ERROR_LINES:],
+        "last_error": list(worker.last_error),
         "log": f"/admin/workers/{worker.id}/log",
     }
 
 
-def devices(worker: Worker) -> str:
-    slot = worker.slot
-    if slot.gpus:
-        return "gpu " + ",".join(map(str, slot.gpus))
-    if slot.cpu_ranks:
-        return "cpu " + " | ".join(slot.cpu_ranks)
-    return "remote" if slot.model.backend == "external" else "-"
+def devices(worker: WorkerView) -> str:
+    if worker.gpus:
+        return "gpu " + ",".join(map(str, worker.gpus))
+    if worker.cpu_ranks:
+        return "cpu " + " | ".join(worker.cpu_ranks)
+    return "-" if ADAPTERS[worker.backend].has_process else "remote"
 
 
 def models(gateway: Gateway) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from gateway.errors import install_handlers
 from gateway.hotpath import GatewayApp
 from gateway.limits import Admission
 from gateway.metrics import Metrics
+from gateway.origin import allowed_hosts
 from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.routing import make_policy
@@ -38,6 +39,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     g = config.gateway
     upstream = Upstream(g.connect_timeout, g.read_timeout)
     proxy = Proxy(supervisor, upstream, metrics, admissions, policies, g.max_body_bytes)
+    proxy.send_timeout = g.send_timeout
     proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
     gateway = Gateway(config, supervisor, KeyRing(config.gateway.api_keys), metrics, proxy)
 
@@ -61,6 +63,8 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
         openapi_url=None,  # no map of the routes for whoever asks without a key
     )
     app.gateway = app.state.gateway = gateway
+    # Open mode: a web page must not drive the gateway cross-site (keys stop that otherwise).
+    app.allowed_hosts = None if g.api_keys else allowed_hosts(g.host, g.port)
     install_handlers(app)
     app.include_router(router)
     scraper = EngineScraper(supervisor, client, metrics.registry)

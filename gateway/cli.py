@@ -8,14 +8,17 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 import uvloop
 
+from backends.adapters import ADAPTERS
 from backends.base import Slot
 from backends.ports import PortAllocator
-from backends.supervisor import ADAPTERS, Supervisor, Timings
+from backends.statedir import StateDirError, claim
+from backends.supervisor import Supervisor, Timings
 from gateway import __version__, plan, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
@@ -54,11 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check":
         print(describe_plan(slots))
         return
+    try:
+        # Held until the process exits: one gateway per state directory.
+        lock = claim(config.gateway.state_dir, str(Path(args.config).resolve()))
+    except StateDirError as exc:
+        sys.exit(f"error: {exc}")
     is_tty = sys.stderr.isatty()
     setup_logging(is_tty)
     # uvicorn picks uvloop only when it owns the loop; here we own it, so pick it ourselves
     # (10-30 % less CPU per request in bench/clients.py).
     uvloop.run(serve(config, slots, is_tty))
+    lock.release()
 
 
 async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
@@ -66,7 +75,9 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
     client = make_client(config)
     progress = Progress(sys.stderr, is_tty)
     timings = Timings(stop_grace=g.stop_grace)
-    supervisor = Supervisor(slots, g.state_dir, client, progress.on_change, timings)
+    supervisor = Supervisor(
+        slots, g.state_dir, client, progress.on_change, timings, hidden_env=config.secret_env
+    )
     app = create_app(config, supervisor, client)
     max_connections = connection_cap(g.max_connections, raise_fd_limit())
     uvicorn_config = uvicorn.Config(

@@ -145,7 +145,7 @@ def plan_workers(
     config: Config, file: str, gpu_count: int | None = None, cpu_cores: list[int] | None = None
 ) -> list[Slot]:
     """Place every replica, or raise ConfigError naming the key at fault."""
-    needs_gpus = any(m.backend != "external" and m.device == "cuda" for m in config.models)
+    needs_gpus = any(m.needs_gpus for m in config.models)
     if gpu_count is None:
         gpu_count = count_gpus() if needs_gpus else 0
     try:

@@ -2,20 +2,26 @@
 
     GatewayError
     ├── ClientError
-    │   ├── BadRequest        400 invalid_request_error
-    │   ├── Unauthorized      401 authentication_error
-    │   ├── Forbidden         403 permission_error (a valid key, not for this)
-    │   ├── UnknownModel      404 invalid_request_error / model_not_found
-    │   ├── NotFound          404 invalid_request_error (no such route)
-    │   ├── TooLarge          413 invalid_request_error
-    │   └── RateLimited       429 rate_limit_error (+ Retry-After)
-    └── UpstreamError
-        ├── UpstreamFailed    502 upstream_error
-        ├── NoReadyReplica    503 service_unavailable
-        └── UpstreamTimeout   504 timeout
+    │   ├── BadRequest            400 invalid_request_error
+    │   ├── Unauthorized          401 authentication_error
+    │   ├── Forbidden             403 permission_error (a valid key, not for this; open mode:
+    │   │                             a request not addressed to this gateway)
+    │   ├── UnknownModel          404 invalid_request_error / model_not_found
+    │   ├── NotFound              404 invalid_request_error (no such route)
+    │   ├── MethodNotAllowed      405 invalid_request_error (+ Allow)
+    │   ├── TooLarge              413 invalid_request_error
+    │   ├── UnsupportedMediaType  415 invalid_request_error (a body that is not JSON)
+    │   ├── RateLimited           429 rate_limit_error (+ Retry-After)
+    │   └── ClientGone            499 (counted, never seen: the client hung up)
+    └── UpstreamError             (may_retry: the request never reached an engine)
+        ├── UpstreamFailed        502 upstream_error
+        ├── NoReadyReplica        503 service_unavailable (+ Retry-After)
+        │   └── ShuttingDown      503 service_unavailable / shutting_down
+        └── UpstreamTimeout       504 timeout
 
-Engines' own error bodies differ (vLLM nests them under "error", SGLang and LMDeploy send them
-flat, 401s are bare strings); `from_upstream` turns any of them into the one shape.
+`response()` renders every one of them, headers included. Engines' own error bodies differ
+(vLLM nests them under "error", SGLang and LMDeploy send them flat, 401s are bare strings);
+`from_upstream` turns any of them into the one shape.
 """
 
 import json
@@ -31,14 +37,24 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        """What the response carries besides its body."""
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status)
+        body = error_body(self.message, self.type, self.param, self.code)
+        return JSONResponse(body, self.status, headers=self.headers())
 
 
 class ClientError(GatewayError):
@@ -72,29 +88,49 @@ class NotFound(ClientError):
     code = "not_found"
 
 
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
 class TooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class RateLimited(ClientError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    retry_after = 1
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-    def response(self) -> JSONResponse:
-        response = super().response()
-        response.headers["Retry-After"] = str(self.retry_after)
-        return response
+class ClientGone(ClientError):
+    """The client disconnected before its answer was whole (nginx's 499): counted, never sent."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
+
+    def __init__(self, message: str, *, may_retry: bool = False) -> None:
+        super().__init__(message)
+        self.may_retry = may_retry  # it failed before reaching an engine: another replica may
 
 
 class UpstreamFailed(UpstreamError):
@@ -107,10 +143,9 @@ class NoReadyReplica(UpstreamError):
     code = "no_ready_replica"
     retry_after = 5  # a restarting replica or another gateway instance may take it by then
 
-    def response(self) -> JSONResponse:
-        response = super().response()
-        response.headers["Retry-After"] = str(self.retry_after)
-        return response
+
+class ShuttingDown(NoReadyReplica):
+    code = "shutting_down"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -167,6 +202,11 @@ def install_handlers(app: FastAPI) -> None:
         body = error_body(str(exc.detail), "invalid_request_error", None, exc.status_code)
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this; the client gets the one shape, not text.
+        return GatewayError("internal error in the gateway; see its log").response()
+
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_crash)

@@ -74,7 +74,7 @@ class GpuCollector(Collector):
             self._state = "off"
             try:
                 if self._nvml is None:
-                    import pynvml  # type: ignore[import-not-found]
+                    import pynvml
 
                     self._nvml = pynvml
                 self._nvml.nvmlInit()

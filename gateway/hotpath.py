@@ -5,6 +5,9 @@ everything else (models, health, metrics, admin, the status page) is FastAPI as 
 FastAPI's middleware, routing and dependency solving cost more CPU per request than the
 whole proxy does (`python -m bench.overhead --profile`: its telemetry check alone reads the
 environment on every request), and these routes need none of it.
+
+In open mode (no API keys) every request, on any route, must first be addressed to this
+gateway (origin.py).
 """
 
 import logging
@@ -13,7 +16,9 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, MethodNotAllowed, UnsupportedMediaType
+from gateway.origin import refusal
+from gateway.request import is_json
 from gateway.state import Gateway
 
 log = logging.getLogger("enginegate.gateway")
@@ -27,19 +32,41 @@ PROXIED = {
 
 class GatewayApp(FastAPI):
     gateway: Gateway  # set by create_app
+    # Open mode: the Host (and Origin) names a request must carry (origin.allowed_hosts);
+    # None: any, as API keys keep other web sites out. Set by create_app.
+    allowed_hosts: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = PROXIED.get(scope["path"]) if scope["type"] == "http" else None
-        if path is None or scope["method"] != "POST":
+        if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        request = Request(scope, receive)
+        if self.allowed_hosts is not None:
+            foreign = refusal(scope["headers"], self.allowed_hosts)
+            if foreign is not None:
+                await foreign.response()(scope, receive, send)
+                return
+        path = PROXIED.get(scope["path"])
+        if path is None:
+            await super().__call__(scope, receive, send)
+            return
         try:
-            principal = self.gateway.keys.authenticate(request)
-            response = await self.gateway.proxy.forward(request, path, principal)
+            await self._proxy(Request(scope, receive), send, path)
+            return
         except GatewayError as exc:
             response = exc.response()
         except Exception:
             log.exception("request to %s failed", scope["path"])
             response = GatewayError("internal error in the gateway; see its log").response()
         await response(scope, receive, send)
+
+    async def _proxy(self, request: Request, send: Send, path: str) -> None:
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{request.url.path} takes POST, not {request.method}", "POST")
+        principal = self.gateway.keys.authenticate(request)
+        content_type = request.headers.get("content-type")
+        if not is_json(content_type):
+            sent = f"`{content_type}`" if content_type else "none"
+            raise UnsupportedMediaType(
+                f"send the body as `Content-Type: application/json`, not {sent}"
+            )
+        await self.gateway.proxy.serve(request, send, path, principal)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backends.adapters import ADAPTERS
 from backends.base import Slot
 from backends.fit import Fit, check
 from backends.gpus import Inventory, inventory_from_json, read_inventory
-from backends.memory import GIB
+from backends.memory import format_gib
 from gateway.config import Config, ConfigError, load_config, plan_workers
 
 
@@ -74,7 +75,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     except ConfigError as exc:
         problems = [_in_file(problem, positions) for problem in exc.problems]
         raise ConfigError(file, problems + _gpu_shortage(config, inventory)) from None
-    fits = check(slots, inventory, Path(file).parent)
+    fits = check(slots, inventory, Path(file).parent, ADAPTERS)
     return Plan(config, slots, inventory, fits, positions)
 
 
@@ -85,11 +86,7 @@ def _in_file(problem: str, positions: list[int]) -> str:
 
 def _gpu_shortage(config: Config, inventory: Inventory) -> list[str]:
     """Why placement ran out of GPUs: none found, or the sum of what the models need."""
-    needs = {
-        spec.name: spec.ranks * spec.replicas
-        for spec in config.models
-        if spec.backend != "external" and spec.device == "cuda"
-    }
+    needs = {spec.name: spec.ranks * spec.replicas for spec in config.models if spec.needs_gpus}
     if not inventory.gpus and needs:
         return [f"GPUs: {inventory.note or 'none in ' + inventory.source}"]
     if len(needs) < 2 or sum(needs.values()) <= len(inventory.gpus):
@@ -139,7 +136,7 @@ def _inventory(config: Config, path: str | None, file: str) -> Inventory:
             return inventory_from_json(Path(path).read_text(), path)
         except (OSError, ValueError) as exc:
             raise ConfigError(path, [f"GPU inventory: {exc}"]) from None
-    if not any(m.backend != "external" and m.device == "cuda" for m in config.models):
+    if not any(spec.needs_gpus for spec in config.models):
         return Inventory((), "none", "no model asks for GPUs")
     return read_inventory()
 
@@ -147,7 +144,7 @@ def _inventory(config: Config, path: str | None, file: str) -> Inventory:
 def render_table(inventory: Inventory, fits: list[Fit]) -> str:
     lines = [_describe_inventory(inventory), ""]
     header = ("worker", "engine", "gpus", "weights", "KV/token", "context", "need", "budget")
-    rows = [(*header, "KV tokens", "fits")]
+    rows: list[tuple[str, ...]] = [(*header, "KV tokens", "fits")]
     notes: list[str] = []
     for fit in fits:
         rows.append(_row(fit))
@@ -170,13 +167,14 @@ def _row(fit: Fit) -> tuple[str, ...]:
     if need is None:
         return (*head, fit.unknown, "", "", "", "", "", "-")
     verdict = {True: "yes", False: "NO", None: "unknown"}[fit.fits]
+    width = f"{need.weight_bits}-bit" if need.weight_bits else need.dtype
     return (
         *head,
-        f"{_gib(need.weights)} {f'{need.weight_bits}-bit' if need.weight_bits else need.dtype}",
+        f"{format_gib(need.weights)} {width}",
         f"{need.kv_per_token / 1024:.1f} KiB",
         str(need.context),
-        _gib(need.needed),
-        _gib(fit.budget) if fit.budget is not None else fit.unknown,
+        format_gib(need.needed),
+        format_gib(fit.budget) if fit.budget is not None else fit.unknown,
         f"{fit.kv_tokens:,}" if fit.kv_tokens is not None else "",
         verdict,
     )
@@ -226,13 +224,13 @@ def _describe_inventory(inventory: Inventory) -> str:
     for gpu in inventory.gpus:
         kinds.setdefault((gpu.name, gpu.total_bytes), []).append(gpu.index)
     parts = [
-        f"{len(indices)} x {name} ({_gib(total)}, GPUs {_gpus(tuple(indices))})"
+        f"{len(indices)} x {name} ({format_gib(total)}, GPUs {_gpus(tuple(indices))})"
         for (name, total), indices in kinds.items()
     ]
-    free = sorted({_gib(gpu.free_bytes) for gpu in inventory.gpus})
+    free = sorted({format_gib(gpu.free_bytes) for gpu in inventory.gpus})
     if len(free) == 1:
         return f"GPUs from {inventory.source}: {'; '.join(parts)}, {free[0]} free each"
-    each = ", ".join(f"{gpu.index}: {_gib(gpu.free_bytes)}" for gpu in inventory.gpus)
+    each = ", ".join(f"{gpu.index}: {format_gib(gpu.free_bytes)}" for gpu in inventory.gpus)
     return f"GPUs from {inventory.source}: {'; '.join(parts)}; free: {each}"
 
 
@@ -242,7 +240,3 @@ def _gpus(indices: tuple[int, ...]) -> str:
     if len(indices) > 2 and list(indices) == list(range(indices[0], indices[-1] + 1)):
         return f"{indices[0]}-{indices[-1]}"
     return ",".join(map(str, indices))
-
-
-def _gib(value: int) -> str:
-    return f"{value / GIB:.1f} GiB"

@@ -60,7 +60,7 @@ class EngineScraper:
     async def _fetch(self, worker: Worker) -> dict[str, Family] | None:
         url = metrics_url(worker)
         assert url is not None
-        # vLLM's /metrics ignores the key; LMDeploy's requires it. Sending it always is harmless.
+        # Some engines' /metrics ignore the key, others require it: sending it always is harmless.
         headers = {"Accept": "text/plain; version=0.0.4"}
         if worker.api_key:
             headers["Authorization"] = f"Bearer {worker.api_key}"
@@ -75,12 +75,9 @@ class EngineScraper:
 
 
 def metrics_url(worker: Worker) -> str | None:
-    """Every engine we start serves /metrics at its root, beside /v1 (SGLang only with
-    --enable-metrics). External servers are someone else's to scrape: None."""
-    launch = worker.launch
-    if launch is None or not launch.has_process:
-        return None
-    return launch.base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
+    """Where the worker's engine serves its metrics (its adapter says); None for a server
+    someone else runs, theirs to scrape."""
+    return worker.launch.metrics_url if worker.launch else None
 
 
 def metrics_router(metrics: Metrics, scraper: EngineScraper, token: str | None) -> APIRouter:

@@ -9,14 +9,21 @@ engine without a parser) it first splits `<think>…</think>` out of the content
 
 Streams are rewritten event by event: bytes are split at the blank line that ends an SSE event,
 an event is parsed only when it could need a change, and untouched events keep their bytes.
+What an engine sends cannot stall the gateway: one event may hold at most MAX_EVENT_BYTES, the
+bytes are scanned once, and a chunk the rewriter cannot read ends the stream with an error
+event (security review findings 8 and 9) instead of an exception in the middle of a response.
 """
 
 import json
+import re
 from typing import Any
 
+from gateway.errors import error_body
 from gateway.think import ThinkSplitter, split_think
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")
+MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; engines send a few hundred bytes each
+_EVENT_END = re.compile(rb"\n\n|\r\n\r\n")  # the blank line that ends an event, LF or CRLF
 
 
 def complete_reasoning(part: dict[str, Any]) -> bool:
@@ -98,6 +105,10 @@ class EventRewriter:
     drops the usage-only chunk that the client did not ask for. With split_tags, each choice's
     content goes through its own ThinkSplitter; what it holds back is let go at the choice's
     finish_reason.
+
+    `failure` says why the stream cannot go on: an event over MAX_EVENT_BYTES, or one the
+    rewriter failed on (say `"choices": 5`). feed() then returns the events before it, and
+    the caller ends the stream (error_event).
     """
 
     def __init__(self, model: str, strip_usage: bool = False, split_tags: bool = False) -> None:
@@ -105,33 +116,57 @@ class EventRewriter:
         self.strip_usage = strip_usage
         self.usage: dict[str, Any] | None = None
         self.is_done = False  # `data: [DONE]` went through: the answer is complete
+        self.failure: str | None = None
+        self.error: Exception | None = None  # what the rewriter raised, for the log
         self._model_bytes = f'"model":"{model}"'.encode()
-        self._pending = b""
+        self._pending = bytearray()  # the start of an event whose end has not come yet
+        self._scanned = 0  # bytes of _pending known to hold no event end
         self._splitters: dict[int, ThinkSplitter] | None = {} if split_tags else None
 
     def feed(self, data: bytes) -> bytes:
         end = data.find(b"\n\n")
         if not self._pending and 0 <= end == len(data) - 2 and b"\r\n\r\n" not in data:
             # The common case, one whole event per read: no buffering, no slicing.
-            rewritten = self._rewrite_event(data[:-2])
+            try:
+                rewritten = self._rewrite_event(data[:-2])
+            except Exception as exc:
+                self._fail(exc)
+                return b""
             return b"" if rewritten is None else rewritten + b"\n\n"
-        self._pending += data
-        out = []
-        while True:
-            end, sep = _event_end(self._pending)
-            if end < 0:
-                break
-            event, self._pending = self._pending[:end], self._pending[end + sep :]
-            rewritten = self._rewrite_event(event)
-            if rewritten is not None:
-                out.append(rewritten)
-                out.append(b"\n\n")
-        return b"".join(out)
+        return self._feed_buffered(data)
 
     def flush(self) -> bytes:
         """Whatever is left when the upstream ends (an event without its blank line)."""
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
         return rest
+
+    def _feed_buffered(self, data: bytes) -> bytes:
+        pending = self._pending
+        pending += data
+        out = []
+        start = 0  # of the next event
+        try:
+            while found := _EVENT_END.search(pending, self._scanned):
+                end, self._scanned = found.span()
+                if end - start > MAX_EVENT_BYTES:
+                    break
+                rewritten = self._rewrite_event(bytes(pending[start:end]))
+                start = self._scanned
+                if rewritten is not None:
+                    out.append(rewritten)
+                    out.append(b"\n\n")
+        except Exception as exc:
+            self._fail(exc)
+        if len(pending) - start > MAX_EVENT_BYTES and self.failure is None:
+            self.failure = f"sent an SSE event over {MAX_EVENT_BYTES // 2**20} MiB"
+        del pending[:start]  # cheap: bytearray drops its head without moving the rest
+        self._scanned = max(0, len(pending) - 3)  # a separator may straddle two reads
+        return b"".join(out)
+
+    def _fail(self, exc: Exception) -> None:
+        self.failure = f"sent a chunk the gateway could not read ({type(exc).__name__})"
+        self.error = exc
 
     def _rewrite_event(self, event: bytes) -> bytes | None:
         """The event's new bytes; None drops it."""
@@ -203,10 +238,7 @@ def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Index and length of the first event separator (LF LF or CRLF CRLF), or (-1, 0)."""
-    lf = buffer.find(b"\n\n")
-    crlf = buffer.find(b"\r\n\r\n")
-    if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, 4
-    return lf, 2 if lf >= 0 else 0
+def error_event(message: str) -> bytes:
+    """The end of a stream that failed after its first byte: an OpenAI-shaped error, [DONE]."""
+    event = json.dumps(error_body(message, "upstream_error", None, 502))
+    return f"data: {event}\n\ndata: [DONE]\n\n".encode()

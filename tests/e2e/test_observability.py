@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import yaml
+from fakes.gateway_process import free_port
 from fakes.metrics import sample_values
 
 from gateway.metrics import TTFT_BUCKETS
@@ -57,17 +57,11 @@ def _keep(screenshot: Path) -> None:
         shutil.copyfile(screenshot, keep)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Prometheus:
     """A real Prometheus server on a loopback port, scraping one gateway."""
 
     def __init__(self, workdir: Path, gateway) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "prometheus.yml"
         self.log_path = workdir / "prometheus.log"

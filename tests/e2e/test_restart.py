@@ -5,30 +5,10 @@ import signal
 import time
 
 import httpx
-import psutil
 import pytest
+from fakes.gateway_process import is_alive
 
 RESTART_TIMEOUT = 300.0
-
-
-def _poll_ready(client: httpx.Client, url: str, want: int, timeout: float) -> float | None:
-    """Seconds until GET /ready answered `want`, or None after `timeout`."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if client.get(f"{url}/ready").status_code == want:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return None
-
-
-def _is_alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.e2e
@@ -45,7 +25,7 @@ def test_killed_engine_is_restarted(running_gateway, timings):
     os.kill(engine.pid, signal.SIGKILL)
 
     with httpx.Client(timeout=5, trust_env=False) as http:
-        went_down = _poll_ready(http, gw.url, 503, timeout=60)
+        went_down = gw.poll_ready(503, timeout=60)
         assert went_down is not None, f"/ready stayed 200 after kill -9 of the engine\n{gw.logs()}"
         down = http.get(f"{gw.url}/ready").json()
         assert down["replicas_ready"]["tiny"] == 0, down
@@ -55,7 +35,7 @@ def test_killed_engine_is_restarted(running_gateway, timings):
         ).json()
         assert {m["id"]: m["ready"] for m in listed["data"]}["tiny"] is False
 
-        came_back = _poll_ready(http, gw.url, 200, timeout=RESTART_TIMEOUT)
+        came_back = gw.poll_ready(200, timeout=RESTART_TIMEOUT)
         assert came_back is not None, (
             f"tiny-0 not ready again {RESTART_TIMEOUT:.0f} s after kill -9\n{gw.logs()}"
         )
@@ -74,7 +54,7 @@ def test_killed_engine_is_restarted(running_gateway, timings):
     assert new_guard.pid != guard.pid
     assert new_engine.pid != engine.pid
     # The old engine's EngineCore and workers must not outlive it (vllm-project/vllm#55510).
-    survivors = [p for p in old_tree if _is_alive(p)]
+    survivors = [p for p in old_tree if is_alive(p)]
     assert survivors == [], survivors
     restarts = gw.metric("enginegate_worker_restarts_total", model="tiny", worker="tiny-0")
     assert restarts is not None and restarts >= restarts_before + 1

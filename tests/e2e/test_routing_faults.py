@@ -37,7 +37,7 @@ import h11
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from fakes.metrics import samples
 
 from .conftest import (
     Engine,
@@ -132,10 +132,8 @@ def engine_totals(gw: GatewayProcess, name: str, **labels: str) -> dict[str, flo
         f"{gw.url}/metrics/workers", headers=bearer(gw.metrics_token), timeout=30, trust_env=False
     ).text
     totals: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(page):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                totals[sample.labels["worker"]] += sample.value
+    for sample in samples(page, name, **labels):
+        totals[sample.labels["worker"]] += sample.value
     return dict(totals)
 
 

@@ -6,20 +6,12 @@ import subprocess
 import time
 
 import pytest
+from fakes.gateway_process import wait_gone
 
 # After the grace period the gateway SIGKILLs an engine's tree itself; allow for that and for
 # uvicorn's own shutdown on top.
 STOP_MARGIN = 15.0
 CRASH_CLEANUP_SECONDS = 10.0
-
-
-def _wait_gone(members, timeout: float) -> list:
-    deadline = time.monotonic() + timeout
-    alive = [m for m in members if m.is_alive]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [m for m in alive if m.is_alive]
-    return alive
 
 
 def _describe(members) -> str:
@@ -42,7 +34,7 @@ def test_sigkill_of_the_gateway_takes_the_engines_with_it(start_gateway, timings
     killed = time.monotonic()
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait(10)
-    left = _wait_gone(members, CRASH_CLEANUP_SECONDS)
+    left = wait_gone(members, CRASH_CLEANUP_SECONDS)
 
     message = f"still running {CRASH_CLEANUP_SECONDS:.0f} s after the gateway's kill -9"
     assert left == [], f"{message}:\n{_describe(left)}"
@@ -63,7 +55,7 @@ def test_sigterm_stops_the_gateway_and_every_engine(running_gateway, timings):
         code = gw.proc.wait(limit)
     except subprocess.TimeoutExpired:
         pytest.fail(f"gateway still running {limit:.0f} s after SIGTERM\n{gw.logs()}")
-    left = _wait_gone(members, max(0.0, limit - (time.monotonic() - signalled)))
+    left = wait_gone(members, max(0.0, limit - (time.monotonic() - signalled)))
 
     assert left == [], f"still running {limit:.0f} s after SIGTERM:\n{_describe(left)}"
     timings("shared gateway SIGTERM -> gateway and engines gone", time.monotonic() - signalled)

@@ -6,13 +6,18 @@ engine's behaviour belong in tests/e2e with a real engine.
 
     python -m tests.fakes.upstream --port P [--chunks N] [--interval S] [--fail-status 503]
         [--error-style nested|flat|bare|text] [--fail-first K] [--first-byte-delay S]
-        [--drop-after N] [--done-linger S] [--api-key KEY] [--model ID]
+        [--drop-after N] [--done-linger S] [--api-key KEY] [--model ID] [--pad BYTES]
+        [--malformed choices|index|endless]
 
 - POST /v1/chat/completions and /v1/completions: a fixed JSON answer, or with `"stream": true`
   N SSE events (`max_tokens` from the body when it is 1..1000, else --chunks) one --interval
   apart, a usage-only event when `stream_options.include_usage` asks for it, then
   `data: [DONE]`. Every byte is deterministic, so tests can compare them. A model other than
   --model gets a 404.
+- --pad adds that many bytes of text to each streamed token, to fill a client's socket fast.
+- --malformed sends, right after the first event and in the same write, what an engine must
+  not: `choices` that is not a list, a choice `index` that is a list, or an event that never
+  ends (MALFORMED_BYTES without a blank line, then the stream ends).
 - GET /v1/models lists --model; GET /health answers 200; neither is affected by the failure
   flags, so a failing upstream still looks ready to the gateway.
 - GET /stats: requests, failed, streams started, completed, cancelled (the client hung up
@@ -35,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 CREATED = 1_700_000_000  # a fixed timestamp keeps every answer byte-identical across runs
 MAX_CHUNKS = 1000  # a larger or non-integer `max_tokens` gets --chunks
+MALFORMED_BYTES = 8 * 1024 * 1024  # --malformed endless: one event's bytes, never ended
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Script:
     drop_after: int = 0  # 0: never; N: cut the connection after N events
     done_linger: float = 0.0  # seconds between `data: [DONE]` and the end of the response
     api_key: str | None = None
+    pad: int = 0  # bytes added to each streamed token's text
+    malformed: str = ""  # "", "choices", "index" or "endless"
 
 
 @dataclass
@@ -73,8 +81,8 @@ class EventStream:
 
     headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
-    def __init__(self, events: list[bytes], upstream: "Upstream") -> None:
-        self.events = events
+    def __init__(self, events: list[bytes], upstream: "Upstream", done: bool = True) -> None:
+        self.events = [*events, b"data: [DONE]\n\n"] if done else events
         self.upstream = upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,7 +91,7 @@ class EventStream:
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            for index, event in enumerate([*self.events, b"data: [DONE]\n\n"]):
+            for index, event in enumerate(self.events):
                 if index:
                     await asyncio.wait([gone], timeout=script.interval)
                 if gone.done():
@@ -143,11 +151,15 @@ class Upstream:
                 self.stats.cancelled += 1  # the client gave up before the first byte
                 return Response(status_code=499)
         if body.get("stream") is True:
-            events = [_event(self.script.model, i, count, chat) for i in range(count)]
+            model, pad = self.script.model, self.script.pad
+            events = [_event(model, i, count, chat, pad) for i in range(count)]
             options = body.get("stream_options")
             options = options if isinstance(options, dict) else {}
             if options.get("include_usage") is True:
                 events.append(_usage_event(self.script.model, count, chat))
+            if self.script.malformed:
+                bad = MALFORMED[self.script.malformed]
+                return EventStream([events[0] + bad], self, done=bad.endswith(b"\n\n"))
             return EventStream(events, self)
         return JSONResponse(_completion(self.script.model, count, chat))
 
@@ -196,12 +208,19 @@ def _usage(count: int) -> dict[str, int]:
     return {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
 
 
-def _event(model: str, index: int, count: int, chat: bool) -> bytes:
-    text = f"tok{index} "
+def _event(model: str, index: int, count: int, chat: bool, pad: int = 0) -> bytes:
+    text = f"tok{index} " + "x" * pad
     choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
     choice["finish_reason"] = "length" if index == count - 1 else None
     chunk = {**_head(chat, is_chunk=True), "model": model, "choices": [choice]}
     return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+MALFORMED = {
+    "choices": b'data: {"id":"bad","model":"other","choices":5}\n\n',
+    "index": b'data: {"id":"bad","choices":[{"index":[1],"delta":{"content":"a"}}]}\n\n',
+    "endless": b"data: " + b"x" * MALFORMED_BYTES,
+}
 
 
 def _usage_event(model: str, count: int, chat: bool) -> bytes:
@@ -246,6 +265,8 @@ def main() -> None:
     parser.add_argument("--drop-after", type=int, default=0)
     parser.add_argument("--done-linger", type=float, default=0.0)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--pad", type=int, default=0)
+    parser.add_argument("--malformed", choices=sorted(MALFORMED), default="")
     args = vars(parser.parse_args())
     port = args.pop("port")
     app = create_app(Script(**args))

@@ -20,12 +20,21 @@ ENGINEGATE_GPU_WORKDIR (the gateways' folders; default: pytest's tmp), ENGINEGAT
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from gpu_kit import MODEL_FLAGS, REPO, RIG, Gateway, Results, Rig
+# tests/gpu is no package, so pytest puts only this folder on sys.path; the shared harness
+# (tests/fakes) and the workload (bench/) need tests/ and the repo root too. Appended, so that
+# nothing already importable is shadowed. (pyproject's `pythonpath` could say this instead.)
+for _folder in Path(__file__).resolve().parents[2:0:-1]:
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
+import pytest  # noqa: E402
+from fakes.gateway_process import REPO  # noqa: E402
+from gpu_kit import MODEL_FLAGS, RIG, Gateway, Results, Rig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

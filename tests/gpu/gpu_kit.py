@@ -8,8 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,16 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
 import pytest
-import yaml
+from fakes.gateway_process import READY_TIMEOUT, STOP_GRACE, GatewayProcess
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = f"sk-gpu-{secrets.token_hex(8)}"
 GIB = 1024**3
-READY_TIMEOUT = 420.0
-STOP_GRACE = 20.0
 MODEL_FLAGS = ["--heads", "4", "--kv-heads", "2", "--head-dim", "128", "--layers", "4"]
 GPU_MEMORY_UTILIZATION = 0.3  # two engines may share a GPU
 # Kept in every engine's environment (KINDS.md: NVLink multicast off on shared hosts), no
@@ -213,249 +206,16 @@ def gib(value: float | None) -> float | None:
 # -------------------------------------------------------------------------------- gateways
 
 
-@dataclass(frozen=True)
-class Member:
-    """One process of a gateway's tree; the start time tells a recycled pid apart."""
+class Gateway(GatewayProcess):
+    """The shared harness (tests/fakes/gateway_process.py) with this tier's key and the
+    engines' environment; `plan` holds `plan --json` when a test ran it before the start."""
 
-    pid: int
-    create_time: float
-    cmdline: str
-
-    @property
-    def is_alive(self) -> bool:
-        try:
-            proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.01:
-                return False
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def kill(self) -> None:
-        if self.is_alive:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-class Gateway:
-    """`python -m gateway serve -c FILE` in a folder of its own (config, log, state)."""
-
-    def __init__(self, folder: Path, models: list[dict[str, Any]]) -> None:
+    def __init__(self, folder: Path, models: list[dict[str, Any]], **options: Any) -> None:
+        options = {"api_key": API_KEY, "stop_grace": STOP_GRACE, **options}
+        options["env"] = {**ENGINE_ENV, **options.get("env", {})}
+        super().__init__(folder, models, **options)
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state_dir = folder / "state"
-        self.log_path = folder / "gateway.log"
-        self.config_path = folder / "enginegate.yaml"
-        self.models = models
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self.members: dict[int, Member] = {}
-        self.plan: subprocess.CompletedProcess[str] | None = None  # `plan --json`, if run
-        config = {
-            "gateway": {
-                "host": "127.0.0.1",
-                "port": self.port,
-                "api_keys": [API_KEY],
-                "state_dir": str(self.state_dir),
-                "stop_grace": STOP_GRACE,
-            },
-            "models": models,
-        }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "gateway not started"
-        return self.proc.pid
-
-    @property
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`python -m gateway ARGS -c FILE`, e.g. `plan --json`."""
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", *args, "-c", str(self.config_path)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINEGATE_")}
-        env.update(ENGINE_ENV)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self.started = time.monotonic()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> float:
-        """Seconds from start until GET /ready answered 200; fails with the logs otherwise."""
-        deadline = self.started + timeout
-        last = "no answer yet"
-        with httpx.Client(timeout=5, trust_env=False) as client:
-            while time.monotonic() < deadline:
-                if not self.is_running:
-                    pytest.fail(f"gateway exited with {self.proc.returncode}\n{self.logs()}")
-                try:
-                    resp = client.get(f"{self.url}/ready")
-                    if resp.status_code == 200:
-                        self.snapshot()
-                        return time.monotonic() - self.started
-                    last = f"{resp.status_code} {resp.text[:300]}"
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                time.sleep(0.5)
-        pytest.fail(f"gateway not ready after {timeout:.0f} s (last: {last})\n{self.logs()}")
-
-    def poll_ready(self, want: int, timeout: float) -> float | None:
-        """Seconds until GET /ready answered `want`, or None after `timeout`."""
-        started = time.monotonic()
-        with httpx.Client(timeout=5, trust_env=False) as client:
-            while time.monotonic() - started < timeout:
-                try:
-                    if client.get(f"{self.url}/ready").status_code == want:
-                        return time.monotonic() - started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        return None
-
-    def snapshot(self) -> list[Member]:
-        """Every process under the gateway now; also remembered for the final clean-up."""
-        if not self.is_running:
-            return []
-        try:
-            children = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        found = []
-        for child in children:
-            try:
-                member = Member(child.pid, child.create_time(), " ".join(child.cmdline()))
-            except psutil.Error:
-                continue
-            self.members.setdefault(member.pid, member)
-            found.append(member)
-        return found
-
-    def guard_of(self, model_name: str) -> psutil.Process:
-        for child in psutil.Process(self.pid).children():
-            argv = child.cmdline()
-            if "backends.guard" in argv and model_name in served_names(argv):
-                return child
-        raise AssertionError(f"no guard process for {model_name} under gateway {self.pid}")
-
-    def engine_of(self, model_name: str) -> psutil.Process:
-        """The engine's main process (its API server): the guard's child."""
-        guard = self.guard_of(model_name)
-        children = guard.children()
-        assert children, f"guard {guard.pid} of {model_name} has no engine process"
-        return min(children, key=lambda p: p.create_time())
-
-    def tree_of(self, model_name: str) -> set[int]:
-        """The pids of the engine serving `model_name`: its guard and everything under it."""
-        guard = self.guard_of(model_name)
-        return {guard.pid, *(p.pid for p in guard.children(recursive=True))}
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with httpx.Client(timeout=10, trust_env=False) as client:
-            text = client.get(f"{self.url}/metrics").text
-        values = [
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        ]
-        return sum(values) if values else None
-
-    def worker_log(self, worker_id: str) -> str:
-        path = self.state_dir / "logs" / f"{worker_id}.log"
-        try:
-            return path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def client(self, base_url: str | None = None, api_key: str | None = None) -> Any:
-        import openai
-
-        return openai.OpenAI(
-            base_url=base_url or f"{self.url}/v1",
-            api_key=api_key or API_KEY,
-            max_retries=0,
-            timeout=120,
-        )
-
-    def stop(self) -> float | None:
-        """SIGTERM, SIGKILL past the grace period, then kill anything left of the tree.
-        Returns the seconds the gateway took to exit, None if it was not running."""
-        if self.proc is None:
-            return None
-        self.snapshot()
-        took = None
-        if self.is_running:
-            signalled = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE + 30)
-                took = time.monotonic() - signalled
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.left_behind():
-            time.sleep(0.2)
-        for member in self.left_behind():
-            member.kill()
-        return took
-
-    def left_behind(self) -> list[Member]:
-        return [m for m in self.members.values() if m.is_alive]
-
-    def logs(self, lines: int = 40) -> str:
-        parts = [tail(self.log_path, lines)]
-        for path in sorted((self.state_dir / "logs").glob("*.log")):
-            parts.append(tail(path, lines))
-        return "\n".join(parts)
-
-
-def served_names(argv: list[str]) -> set[str | None]:
-    """The name an engine serves under: vLLM/SGLang --served-model-name, LMDeploy --model-name."""
-    return {flag(argv, "--served-model-name"), flag(argv, "--model-name")}
-
-
-def flag(argv: list[str], name: str) -> str | None:
-    try:
-        return argv[argv.index(name) + 1]
-    except (ValueError, IndexError):
-        return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError as exc:
-        return f"--- {path}: {exc.strerror}"
-    return "\n".join([f"--- {path} (last {len(text)} lines)", *text])
+        self.plan: subprocess.CompletedProcess[str] | None = None
 
 
 def vllm_log_figures(log: str) -> dict[str, Any]:
@@ -544,15 +304,6 @@ def memory_of(
     return figures
 
 
-def wait_gone(members: list[Member], timeout: float) -> list[Member]:
-    deadline = time.monotonic() + timeout
-    alive = [m for m in members if m.is_alive]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [m for m in alive if m.is_alive]
-    return alive
-
-
 def wait_gpus_free_of(pids: set[int], timeout: float) -> float | None:
     """Seconds until NVML lists none of `pids` on any GPU, or None after `timeout`."""
     started = time.monotonic()
@@ -561,10 +312,3 @@ def wait_gpus_free_of(pids: set[int], timeout: float) -> float | None:
             return time.monotonic() - started
         time.sleep(0.1)
     return None
-
-
-def is_alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

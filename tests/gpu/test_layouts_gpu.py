@@ -26,7 +26,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import secrets
 import signal
 import statistics
@@ -37,7 +36,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import yaml
+from fakes.gateway_process import bearer, is_alive, wait_gone
+from fakes.metrics import samples
 from gpu_kit import (
     API_KEY,
     Gateway,
@@ -48,13 +48,11 @@ from gpu_kit import (
     gib,
     gpu_views,
     gpus_of,
-    is_alive,
     medians,
     memory_of,
     skip_unless,
     timed_stream,
     vllm_log_figures,
-    wait_gone,
     wait_gpus_free_of,
 )
 
@@ -82,7 +80,6 @@ SEED = 7
 # Three tenants' prompts (3 x ~81 blocks) and their running requests fit, four do not.
 KV_BLOCKS = 320
 OPTIONAL_RUN_SECONDS = 75.0  # what one more policy run needs on an H200, start to stop
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 COUNTERS = (
     "vllm:prefix_cache_hits_total",
     "vllm:prefix_cache_queries_total",
@@ -96,30 +93,7 @@ class OpsGateway(Gateway):
     """A gateway with an admin key and a metrics token besides the API key."""
 
     def __init__(self, folder: Path, models: list[dict[str, Any]]) -> None:
-        super().__init__(folder, models)
-        config = yaml.safe_load(self.config_path.read_text())
-        config["gateway"]["admin_keys"] = [ADMIN_KEY]
-        config["gateway"]["metrics_token"] = METRICS_TOKEN
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with httpx.Client(timeout=10, trust_env=False) as client:
-            text = client.get(f"{self.url}/metrics", headers=bearer(METRICS_TOKEN)).text
-        values = [
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        ]
-        return sum(values) if values else None
-
-    def workers(self) -> list[dict[str, Any]]:
-        with httpx.Client(timeout=10, trust_env=False) as client:
-            resp = client.get(f"{self.url}/admin/workers", headers=bearer(ADMIN_KEY))
-        resp.raise_for_status()
-        return resp.json()["data"]
+        super().__init__(folder, models, admin_key=ADMIN_KEY, metrics_token=METRICS_TOKEN)
 
     def wait_all_ready(self, timeout: float) -> float:
         """Seconds from start until every worker is ready; fails at once, with the logs, when a
@@ -156,10 +130,6 @@ class OpsGateway(Gateway):
         key = self.engine_of_worker(worker).environ().get("VLLM_API_KEY")
         assert key, f"no VLLM_API_KEY in the environment of {worker['id']}'s engine"
         return f"http://127.0.0.1:{worker['port']}", key
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
 
 
 def seconds_left() -> float:
@@ -338,26 +308,6 @@ def test_pp2_gateway_sigkill_leaves_no_process_on_any_gpu(
 # ------------------------------------------------- (b) two tp=1 replicas, routing policies
 
 
-def workload() -> list[list[dict[str, str]]]:
-    """Chat messages of every request: each tenant's long system prompt and a short question,
-    tenants interleaved at random (seeded: the same list for every policy)."""
-    rng = random.Random(SEED)
-    prompts = []
-    for t in range(TENANTS):
-        words = [rng.choice(WORDS) for _ in range(PROMPT_CHARS // 5)]
-        prompts.append(f"You are the assistant of tenant {t}. " + " ".join(words)[:PROMPT_CHARS])
-    requests = [
-        [
-            {"role": "system", "content": prompts[t]},
-            {"role": "user", "content": f"Question {q} from tenant {t}: {rng.choice(WORDS)}?"},
-        ]
-        for t in range(TENANTS)
-        for q in range(QUESTIONS)
-    ]
-    rng.shuffle(requests)
-    return requests
-
-
 async def drive(base: str, key: str, requests: list[list[dict]]) -> dict[str, Any]:
     """Stream every request, CONCURRENCY at a time; TTFT, tokens and rates as clients see them."""
     queue: asyncio.Queue[list[dict]] = asyncio.Queue()
@@ -449,15 +399,11 @@ def quantile(ordered: list[float], q: float) -> float:
 def engine_counters(gw: OpsGateway, workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """worker id → vLLM's counters, from the gateway's /metrics/workers (metrics token); a
     worker missing there (scrape timeout) is read from its engine's own /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[str, dict[str, Any]] = {}
 
     def add(text: str, source: str, only: str | None = None) -> None:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name not in COUNTERS:
-                    continue
+        for name in COUNTERS:
+            for sample in samples(text, name):
                 worker = only or sample.labels.get("worker")
                 entry = out.setdefault(worker, {**dict.fromkeys(COUNTERS, 0.0), "source": source})
                 entry[sample.name] += sample.value
@@ -541,7 +487,10 @@ def test_two_tp1_replicas_routing(
             for w in workers:
                 assert placement[w["id"]]["nvml_gpus"] == w["gpus"], placement
 
-        requests = workload()
+        # Imported here: in a session that also collected tests/bench, `bench` is that package.
+        from bench.routing import workload
+
+        requests = workload(TENANTS, QUESTIONS, PROMPT_CHARS, SEED)
         before = engine_counters(gw, workers)
         through = asyncio.run(drive(gw.url, API_KEY, requests))
         after = engine_counters(gw, workers)

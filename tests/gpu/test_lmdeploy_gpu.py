@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.gateway_process import flag
 from gpu_kit import (
     ENGINE_ENV,
     READY_TIMEOUT,
@@ -17,7 +18,6 @@ from gpu_kit import (
     Results,
     Rig,
     chat,
-    flag,
     gib,
     gpu_views,
     gpus_of,

@@ -12,23 +12,21 @@ import time
 from typing import Any
 
 import pytest
+from fakes.gateway_process import flag, is_alive, wait_gone
 from gpu_kit import (
     Gateway,
     GpuView,
     Results,
     Rig,
     chat,
-    flag,
     gib,
     gpu_views,
     gpus_of,
-    is_alive,
     medians,
     memory_of,
     skip_unless,
     timed_stream,
     vllm_log_figures,
-    wait_gone,
     wait_gpus_free_of,
 )
 

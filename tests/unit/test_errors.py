@@ -6,11 +6,16 @@ import pytest
 
 from gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
+    MethodNotAllowed,
     NoReadyReplica,
+    RateLimited,
+    ShuttingDown,
     TooLarge,
     Unauthorized,
     UnknownModel,
+    UnsupportedMediaType,
     UpstreamFailed,
     UpstreamTimeout,
     from_upstream,
@@ -81,7 +86,11 @@ def test_huge_text_bodies_are_cut() -> None:
         (BadRequest("m"), 400, "invalid_request_error", None),
         (Unauthorized("m"), 401, "authentication_error", "invalid_api_key"),
         (UnknownModel("m", "model"), 404, "invalid_request_error", "model_not_found"),
+        (Forbidden("m"), 403, "permission_error", "forbidden"),
+        (MethodNotAllowed("m", "POST"), 405, "invalid_request_error", "method_not_allowed"),
         (TooLarge("m"), 413, "invalid_request_error", "request_too_large"),
+        (UnsupportedMediaType("m"), 415, "invalid_request_error", "unsupported_media_type"),
+        (ShuttingDown("m"), 503, "service_unavailable", "shutting_down"),
         (UpstreamFailed("m"), 502, "upstream_error", None),
         (NoReadyReplica("m"), 503, "service_unavailable", "no_ready_replica"),
         (UpstreamTimeout("m"), 504, "timeout", "upstream_timeout"),
@@ -93,3 +102,22 @@ def test_gateway_errors_render_in_openai_shape(
     response = exc.response()
     assert response.status_code == status
     assert json.loads(response.body) == error("m", type, exc.param, code)
+
+
+@pytest.mark.parametrize(
+    ("exc", "headers"),
+    [
+        (BadRequest("m"), {}),
+        (RateLimited("m", retry_after=7), {"retry-after": "7"}),
+        (RateLimited("m"), {"retry-after": "1"}),
+        (NoReadyReplica("m"), {"retry-after": "5"}),
+        (ShuttingDown("m"), {"retry-after": "5"}),
+        (MethodNotAllowed("m", "POST"), {"allow": "POST"}),
+    ],
+)
+def test_headers_are_rendered_with_the_error(exc: GatewayError, headers: dict[str, str]) -> None:
+    response = exc.response()
+    extra = {
+        k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")
+    }
+    assert extra == headers

@@ -5,8 +5,11 @@ SIGTERM, like launcher scripts around engines whose workers outlive a polite sto
 """
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backends.process import EngineProcess, kill_tree
+from backends.process import LOG_ROTATE_BYTES, EngineProcess, end_leftovers, kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,3 +162,162 @@ async def test_gateway_death_ends_the_tree(tmp_path: Path) -> None:
         gateway.wait()
         for proc in alive(tree):
             proc.kill()
+
+
+async def test_an_engine_dies_with_its_guard(
+    engine: tuple[EngineProcess, list[psutil.Process]], tmp_path: Path
+) -> None:
+    """Finding 10: SIGKILL of the guard left its engine running with no one to end it.
+
+    1. Start the tree; 2. SIGKILL the guard; 3. the engine's main process (the wrapper) gets
+    SIGKILL from the kernel (PR_SET_PDEATHSIG toward the guard) within a second or two.
+    """
+    process, _ = engine
+    wrapper = processes([int((tmp_path / "wrapper.pid").read_text())])
+    os.kill(process.pid, signal.SIGKILL)
+    await wait_all_gone(wrapper, timeout=3)
+
+
+async def test_stop_ends_the_engine_of_a_killed_guard(
+    engine: tuple[EngineProcess, list[psutil.Process]], tmp_path: Path
+) -> None:
+    """Finding 10: stop() signalled nothing once the guard had exited, so an engine whose
+    guard was SIGKILLed (the OOM killer) outlived it for good.
+
+    1. Start the tree; 2. SIGKILL the guard; 3. stop(): every process of the tree is gone,
+    the child that ignores SIGTERM included (it is still in the guard's process group).
+    """
+    process, tree = engine
+    os.kill(process.pid, signal.SIGKILL)
+    await asyncio.wait_for(process.stop(grace=1), timeout=20)
+    await wait_all_gone(tree, timeout=3)
+    assert not (tmp_path / "workers" / "engine.json").exists()
+
+
+async def test_the_next_gateway_ends_the_engine_of_a_killed_guard(
+    engine: tuple[EngineProcess, list[psutil.Process]], tmp_path: Path
+) -> None:
+    """Finding 10: a gateway's sweep of leftovers followed only the guard's pid.
+
+    1. Start the tree; 2. SIGKILL the guard and reap it, as if the gateway then died too:
+    its record stays; 3. end_leftovers() finds the rest by the recorded process group and
+    start time and kills it.
+    """
+    process, tree = engine
+    os.kill(process.pid, signal.SIGKILL)
+    await process.wait()
+    child = int((tmp_path / "child.pid").read_text())
+    ended = end_leftovers(tmp_path / "workers")
+    assert child in ended
+    await wait_all_gone(tree, timeout=3)
+    assert list((tmp_path / "workers").iterdir()) == []
+
+
+async def test_the_sweep_finds_records_in_subdirectories(tmp_path: Path) -> None:
+    """Finding 17: a model named `org/eng` put its record in workers/org/, which the sweep
+    of leftovers did not look into. Records left so by an older gateway are found now.
+
+    1. Start a tree whose record is workers/org/eng-0.json; 2. end_leftovers() kills it.
+    """
+    record = tmp_path / "workers" / "org" / "eng-0.json"
+    process = await EngineProcess.start(
+        engine_argv(tmp_path), dict(os.environ), tmp_path / "engine.log", record, grace=1
+    )
+    try:
+        child = await wait_for_file(tmp_path / "child.pid")
+        tree = processes([*process.pids(), child])
+        assert process.pid in end_leftovers(tmp_path / "workers")
+        await wait_all_gone(tree, timeout=5)
+        assert not record.exists()
+    finally:
+        kill_tree(process.pid)
+        await process.wait()
+
+
+async def test_a_record_of_a_running_gateway_is_left_alone(tmp_path: Path) -> None:
+    """Finding 5: a second gateway ended every recorded tree at start, another live
+    gateway's included.
+
+    1. Record a running process as an engine of a gateway that still runs (here: a second
+    process standing in for it); 2. end_leftovers() leaves both it and the record alone.
+    """
+    engine = subprocess.Popen(["sleep", "30"])
+    other_gateway = subprocess.Popen(["sleep", "30"])
+    try:
+        record = tmp_path / "workers" / "eng-0.json"
+        record.parent.mkdir()
+        created = psutil.Process(engine.pid).create_time()
+        owner = psutil.Process(other_gateway.pid).create_time()
+        record.write_text(
+            json.dumps(
+                {"pid": engine.pid, "create_time": created, "pgid": engine.pid,
+                 "gateway_pid": other_gateway.pid, "gateway_create_time": owner}
+            )
+        )  # fmt: skip
+        assert end_leftovers(tmp_path / "workers") == []
+        assert engine.poll() is None and record.exists()
+    finally:
+        for proc in (engine, other_gateway):
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_failed_record_write_ends_the_spawned_guard(tmp_path: Path) -> None:
+    """Finding 2: when writing the pid record failed after the spawn, the engine ran on
+    with no one tracking it.
+
+    1. Make the record's path a directory; 2. start() raises; 3. the guard it had spawned
+    (a child of this process until it is reaped) and the engine under it are gone.
+    """
+    record = tmp_path / "workers" / "engine.json"
+    record.mkdir(parents=True)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    with pytest.raises(OSError):
+        await EngineProcess.start(
+            engine_argv(tmp_path), dict(os.environ), tmp_path / "engine.log", record, grace=1
+        )
+    spawned = [p for p in me.children(recursive=True) if p.pid not in before]
+    try:
+        await wait_all_gone(spawned, timeout=5)
+    finally:
+        for proc in spawned:  # the guard leads its group: what it started is in there too
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_logs_and_records_are_private_and_hold_no_key(tmp_path: Path) -> None:
+    """Finding 14: logs and records were world-readable (umask 022), and the record held
+    the engine's argv, SGLang's `--api-key` value included.
+
+    1. Under umask 022, with a world-readable log past the rotation size already there,
+    start an engine whose argv holds `--api-key`; 2. directories are 0700, the log, the
+    rotated log and the record 0600; 3. the record has pid, start time, process group and
+    gateway pid, and no key.
+    """
+    log_path = tmp_path / "logs" / "eng-0.log"
+    log_path.parent.mkdir()
+    log_path.touch(mode=0o644)
+    os.truncate(log_path, LOG_ROTATE_BYTES + 1)  # sparse: costs no disk
+    record = tmp_path / "workers" / "eng-0.json"
+    argv = ["sh", "-c", "sleep 30", "engine", "--api-key", "s3cret-key", "--api-keys=s3cret-2"]
+    old_umask = os.umask(0o022)
+    try:
+        process = await EngineProcess.start(argv, dict(os.environ), log_path, record, grace=1)
+    finally:
+        os.umask(old_umask)
+    try:
+        modes = {
+            path.name: stat.S_IMODE(path.stat().st_mode)
+            for path in (log_path.parent, record.parent, log_path, record)
+        }
+        modes["rotated"] = stat.S_IMODE(log_path.with_suffix(".log.1").stat().st_mode)
+        assert modes == {"logs": 0o700, "workers": 0o700, "eng-0.log": 0o600,
+                         "eng-0.json": 0o600, "rotated": 0o600}  # fmt: skip
+        data = json.loads(record.read_text())
+        assert "s3cret" not in record.read_text()
+        assert data["pid"] == data["pgid"] == process.pid
+        assert data["gateway_pid"] == os.getpid() and data["create_time"] > 0
+        assert data["argv"][-3:] == ["--api-key", "<redacted>", "--api-keys=<redacted>"]
+    finally:
+        await process.stop(grace=1)

@@ -46,6 +46,7 @@ def test_tp1_default_backend_argv_env_and_health() -> None:
     assert launch.argv == head()  # no --backend: LMDeploy's own default (turbomind, fallback)
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "0"}
     assert launch.health_url == f"http://127.0.0.1:{PORT}/health"
+    assert launch.metrics_url == f"http://127.0.0.1:{PORT}/metrics"
     assert launch.base_url == f"http://127.0.0.1:{PORT}/v1"
     assert (launch.served_name, launch.api_key) == ("r1", KEY)
     # An inherited MASTER_ADDR/MASTER_PORT/RAY_ADDRESS would make instances share a store.

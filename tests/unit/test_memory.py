@@ -27,7 +27,9 @@ from typing import Any
 
 import pytest
 
-from backends.memory import GIB, estimate, load_shape, shape_from_config
+from backends import memory
+from backends.adapters import ADAPTERS
+from backends.memory import GIB, Estimate, ModelShape, load_shape, shape_from_config
 from backends.spec import ModelSpec
 
 CONFIGS = Path(__file__).parents[2] / "deploy" / "examples" / "model-configs"
@@ -37,6 +39,11 @@ R1 = json.loads((CONFIGS / "DeepSeek-R1.json").read_text())
 
 def spec(backend: str = "vllm", **fields: Any) -> ModelSpec:
     return ModelSpec(**{"name": "m", "backend": backend, "model": "/models/m", **fields})
+
+
+def estimate(shape: ModelShape, spec: ModelSpec) -> Estimate:
+    """The estimate with the context flag of the spec's engine, as the plan asks for it."""
+    return memory.estimate(shape, spec, ADAPTERS[spec.backend].context_flag)
 
 
 def test_distill_shape() -> None:

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from backends.placement import PlacementError, plan
+from backends.placement import PlacementError, plan, worker_id
 from backends.spec import ModelSpec
 
 
@@ -84,3 +84,19 @@ def test_duplicate_names_are_refused() -> None:
     with pytest.raises(PlacementError) as caught:
         plan([vllm("m", device="cpu"), vllm("m", device="cpu")], 0, [0])
     assert caught.value.path == "models[1].name"
+
+
+def test_worker_ids_are_safe_file_names() -> None:
+    """Finding 17: worker ids were `<name>-<n>` verbatim, so `/` and `..` in a model name
+    made paths; Hugging Face names are allowed and common."""
+    slots = plan([vllm("deepseek-ai/DeepSeek-R1"), vllm("../../etc/x")], 2, [0])
+    assert [s.worker_id for s in slots] == ["deepseek-ai--DeepSeek-R1-0", "..--..--etc--x-0"]
+    assert worker_id("a b\x00c", 3) == "a_b_c-3"
+    for slot in slots:
+        assert "/" not in slot.worker_id and slot.worker_id not in (".", "..")
+
+
+def test_names_whose_worker_ids_would_collide_are_refused() -> None:
+    """Finding 17: `a/b` and `a--b` would share one log file and pid record."""
+    with pytest.raises(PlacementError, match=r"models\[1\]\.name: 'a--b' and 'a/b'"):
+        plan([vllm("a/b"), vllm("a--b")], 2, [0])

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from backends.adapters import ADAPTERS
 from backends.fit import Fit, check
 from backends.gpus import MIB, Gpu, Inventory, inventory_from_json, read_inventory
 from backends.placement import plan
@@ -272,7 +273,9 @@ def sglang_fit(free_mib: int, **fields: Any) -> Fit:
         name="r1", backend="sglang", model="x", config_json="DeepSeek-R1.json", tp=8, **fields
     )
     gpus = tuple(Gpu(i, "H200", 143771 * MIB, free_mib * MIB) for i in range(8))
-    (fit,) = check(plan([spec], 8, [0]), Inventory(gpus, "test"), EXAMPLES / "model-configs")
+    (fit,) = check(
+        plan([spec], 8, [0]), Inventory(gpus, "test"), EXAMPLES / "model-configs", ADAPTERS
+    )
     return fit
 
 

@@ -21,7 +21,7 @@ from backends.supervisor import Supervisor, Timings
 from gateway.app import create_app
 from gateway.config import Config, GatewayConfig
 from gateway.errors import UpstreamFailed, UpstreamTimeout
-from gateway.upstream import sort_failure
+from gateway.upstream import Upstream, sort_failure
 
 KEY = "sk-retries-1111"
 FAST = Timings(startup_poll=0.01, health_interval=60, health_timeout=1, stop_grace=1)
@@ -133,8 +133,25 @@ async def test_no_first_byte_in_time_is_504_and_not_retried(gateway):
 )
 def test_failures_are_sorted_into_retry_or_not(failure, error, may_retry) -> None:
     """A connect timeout cannot be made on loopback on demand: the sorting is checked here."""
-    sorted_error, retry = sort_failure(failure, "pair-0")
-    assert type(sorted_error) is error and retry is may_retry
+    sorted_error = sort_failure(failure, "pair-0")
+    assert type(sorted_error) is error and sorted_error.may_retry is may_retry
+
+
+async def test_an_unreachable_worker_is_named_by_id_not_by_address() -> None:
+    """Finding 15: a replica whose server is gone is reported as `worker pair-0 could not be
+    reached`; its host:port and the client library's exception text (which holds it) go to
+    the log only."""
+    async with serve(Replica()) as url:
+        pass  # the server is gone: its port refuses connections
+    upstream = Upstream(connect_timeout=1, read_timeout=1)
+    try:
+        with pytest.raises(UpstreamFailed) as failed:
+            await upstream.post("pair-0", f"{url}/v1/chat/completions", b"{}", {})
+    finally:
+        await upstream.close()
+    assert failed.value.message == "worker pair-0 could not be reached"
+    assert failed.value.may_retry
+    assert url.removeprefix("http://") not in failed.value.response().body.decode()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -49,6 +49,7 @@ def test_tp8_argv_env_and_ready_endpoint() -> None:
     assert launch.base_url == f"http://127.0.0.1:{PORT}/v1"
     # /health would run a generation on every probe; /ready is the cheap readiness flag.
     assert launch.health_url == f"http://127.0.0.1:{PORT}/ready"
+    assert launch.metrics_url == f"http://127.0.0.1:{PORT}/metrics"
     assert (launch.served_name, launch.api_key) == ("r1", KEY)
     assert launch.remove_env == UNSAFE_ENV
 

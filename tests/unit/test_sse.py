@@ -1,10 +1,11 @@
 """Reasoning-field and model-name normalisation over recorded engine outputs."""
 
 import json
+import time
 
 import pytest
 
-from gateway.sse import EventRewriter, rewrite_json
+from gateway.sse import MAX_EVENT_BYTES, EventRewriter, error_event, rewrite_json
 
 # Shapes recorded from each engine (ENGINES.md §1.5, §2.5, §3.5, §6.2).
 VLLM_CHUNKS = [
@@ -125,3 +126,73 @@ def test_lmdeploy_null_usage_on_every_chunk_is_not_mistaken_for_usage():
     rewriter = EventRewriter("r1", strip_usage=True)
     rewriter.feed(LMDEPLOY_CHUNKS[0])
     assert rewriter.usage is None
+
+
+def test_an_event_that_never_ends_is_refused_at_the_cap_in_linear_time():
+    """Finding 8: 1 KiB reads of one event without a blank line. The old buffer copied and
+    rescanned everything on each read (quadratic: seconds here, 31 s for 64 MiB); now each
+    byte is looked at once, and past MAX_EVENT_BYTES the rewriter gives up."""
+    rewriter = EventRewriter("r1")
+    assert rewriter.feed(VLLM_CHUNKS[0] + b"data: ") == VLLM_CHUNKS[0]
+    piece = b"x" * 1024
+    started = time.perf_counter()
+    for _ in range(MAX_EVENT_BYTES // len(piece) - 1):  # with `data: `, just under the cap
+        assert rewriter.feed(piece) == b""
+        assert rewriter.failure is None
+    assert time.perf_counter() - started < 1.0
+    assert rewriter.feed(piece) == b""
+    assert rewriter.failure == "sent an SSE event over 4 MiB"
+
+
+def test_a_whole_event_over_the_cap_in_one_read_is_refused():
+    """Finding 8: an event that comes whole, but larger than MAX_EVENT_BYTES."""
+    rewriter = EventRewriter("r1")
+    huge = b"data: " + b"x" * MAX_EVENT_BYTES + b"\n\n"
+    assert rewriter.feed(VLLM_CHUNKS[0] + huge) == VLLM_CHUNKS[0]
+    assert rewriter.failure == "sent an SSE event over 4 MiB"
+
+
+def test_a_separator_cut_between_two_reads_is_found():
+    """The scan resumes a few bytes back, so `\\r\\n` + `\\r\\n` still ends the event."""
+    event = VLLM_CHUNKS[1].rstrip(b"\n")
+    rewriter = EventRewriter("r1")
+    assert rewriter.feed(event + b"\r\n\r") == b""
+    out = rewriter.feed(b"\n" + VLLM_CHUNKS[3])
+    assert _reasoning(_events(out)) == ("Let me think", "Let me think")
+    assert out.endswith(b"\r\n\r\n" + VLLM_CHUNKS[3]) or out.endswith(b"\n\n" + VLLM_CHUNKS[3])
+
+
+@pytest.mark.parametrize(
+    ("bad", "split_tags"),
+    [
+        (b'data: {"id":"x","model":"other","choices":5}\n\n', False),
+        (
+            b'data: {"id":"x","model":"r1","choices":[{"index":[1],"delta":{"content":"a"}}]}\n\n',
+            True,
+        ),
+    ],
+    ids=["choices-not-a-list", "index-unhashable"],
+)
+def test_a_malformed_chunk_fails_the_stream_after_the_events_before_it(bad, split_tags):
+    """Finding 9: the rewriter raised mid-stream and the events read with the bad one were
+    lost. Now it returns them and says why it stopped (the relay sends the error event)."""
+    rewriter = EventRewriter("r1", split_tags=split_tags)
+    out = rewriter.feed(VLLM_CHUNKS[0] + bad + VLLM_CHUNKS[2])
+    assert _events(out)[0]["id"] == "c1" and len(_events(out)) == 1
+    assert rewriter.failure == "sent a chunk the gateway could not read (TypeError)"
+    alone = EventRewriter("r1", split_tags=split_tags)
+    assert alone.feed(bad) == b""  # one whole event per read: the fast path fails the same way
+    assert alone.failure is not None
+
+
+def test_error_event_is_openai_shaped_and_ends_the_stream():
+    events = error_event("worker r1-0 failed").split(b"\n\n")
+    assert json.loads(events[0].removeprefix(b"data: ")) == {
+        "error": {
+            "message": "worker r1-0 failed",
+            "type": "upstream_error",
+            "param": None,
+            "code": 502,
+        }
+    }
+    assert events[1:] == [b"data: [DONE]", b""]

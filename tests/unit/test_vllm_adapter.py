@@ -42,6 +42,7 @@ def test_cpu_tp1_single_rank_gets_every_core() -> None:
     }
     assert launch.base_url == f"http://127.0.0.1:{PORT}/v1"
     assert launch.health_url == f"http://127.0.0.1:{PORT}/health"
+    assert launch.metrics_url == f"http://127.0.0.1:{PORT}/metrics"
     assert (launch.served_name, launch.api_key, launch.has_process) == ("tiny", KEY, True)
     assert launch.remove_env == UNSAFE_ENV
 
@@ -131,9 +132,9 @@ def test_external_has_no_process_and_uses_the_configured_url_and_key() -> None:
     (slot,) = plan([spec], 0, [0])
     launch = ExternalAdapter().launch(slot, 0, KEY)
     assert launch.argv == [] and launch.env == {}
-    assert not launch.has_process
+    assert not launch.has_process and not ExternalAdapter.has_process
     assert launch.base_url == "https://api.example.com/v1"
-    assert launch.health_url is None
+    assert launch.health_url is None and launch.metrics_url is None
     assert (launch.served_name, launch.api_key) == ("gpt-4o-mini", "sk-upstream")
 
 

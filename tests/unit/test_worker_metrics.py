@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import Launch, Slot
+from backends.adapters import ADAPTERS
+from backends.base import Slot
 from backends.spec import ModelSpec
 from backends.supervisor import Supervisor, WorkerState
 from gateway.scrape import EngineScraper, metrics_url
@@ -28,11 +29,9 @@ def supervisor(tmp_path: Path, client: httpx.AsyncClient) -> Supervisor:
     sup = Supervisor(slots, tmp_path, client)
     for i, worker in enumerate(sup.workers):
         worker.state = WorkerState.READY
-        if worker.slot.model.backend == "external":
-            worker.launch = Launch([], {}, "http://10.0.0.1:9/v1", None, "remote")
-        else:
-            url = f"http://127.0.0.1:{9000 + i}/v1"
-            worker.launch = Launch(["vllm"], {}, url, f"{url[:-3]}/health", "tiny", f"key-{i}")
+        worker.launch = ADAPTERS[worker.slot.model.backend].launch(
+            worker.slot, 9000 + i, f"key-{i}"
+        )
     return sup
 
 

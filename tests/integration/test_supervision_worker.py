@@ -1,0 +1,330 @@
+"""Supervision of real processes: a scripted fake engine (tests/fakes/engine.py) as a vLLM
+worker's `command`, started under the guard by the supervisor.
+
+These test what the supervisor does around an engine (start failures, an impostor on the
+port, restarts, the environment); they never claim an engine works. Every process a test
+starts is killed by pid at teardown, pass or fail.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from backends.base import Slot
+from backends.spec import ModelSpec
+from backends.supervisor import Supervisor, Timings, Worker, WorkerState
+from gateway.app import create_app
+from gateway.config import Config, plan_workers
+
+FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "engine.py"
+FAST = Timings(
+    startup_poll=0.05,
+    health_interval=0.1,
+    health_timeout=2,
+    stop_grace=1,
+    backoff_base=0.05,
+    backoff_max=0.2,
+)
+ADMIN = "sk-admin-test"
+
+
+def fake_model(name: str = "fake", **fields: Any) -> dict[str, Any]:
+    """A model entry whose engine is the fake engine; `env` sets its switches."""
+    return {
+        "name": name,
+        "backend": "vllm",
+        "model": "/models/none",
+        "device": "cpu",
+        "command": [sys.executable, str(FAKE_ENGINE)],
+        "startup_timeout": 20,
+        **fields,
+    }
+
+
+def fake_slot(name: str = "fake", **fields: Any) -> Slot:
+    return Slot(f"{name}-0", ModelSpec(**fake_model(name, **fields)), 0, cpu_ranks=("0",))
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """Kills every process this test started that still runs at its end: by process group
+    for guards (each leads its own), by pid for the rest."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    for proc in me.children(recursive=True):
+        if proc.pid in before:
+            continue
+        with contextlib.suppress(OSError, psutil.NoSuchProcess):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        yield http
+
+
+@pytest.fixture
+async def supervise(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> AsyncIterator[Callable[..., Supervisor]]:
+    """supervise(slots, **Supervisor options) → a supervisor, stopped at teardown."""
+    made: list[Supervisor] = []
+
+    def make(slots: list[Slot], **options: Any) -> Supervisor:
+        options.setdefault("timings", FAST)
+        supervisor = Supervisor(slots, tmp_path / "state", client, **options)
+        made.append(supervisor)
+        return supervisor
+
+    yield make
+    for supervisor in made:
+        await asyncio.wait_for(supervisor.stop(), timeout=15)
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def engines_of(name: str) -> list[psutil.Process]:
+    """Live fake engines serving `name` under this test process (not their guards)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+            if cmdline[1:2] == [str(FAKE_ENGINE)] and name in cmdline and proc.status() != "zombie":
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+async def test_a_start_that_raises_is_logged_counted_and_retried(
+    supervise: Callable[..., Supervisor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 2: an exception inside a start (here the log cannot be opened: EISDIR, as
+    EMFILE or ENOSPC would) does not end the worker's supervision.
+
+    1. Make the worker's log path a directory; 2. start: the error is logged with its
+    traceback, counted as a failed start, and retried after a backoff; 3. remove the
+    obstacle: the worker becomes ready on its own.
+    """
+    supervisor = supervise([fake_slot()])
+    worker = supervisor.workers[0]
+    worker.log_path.mkdir(parents=True)
+    with caplog.at_level(logging.ERROR, logger="enginegate.supervisor"):
+        await supervisor.start()
+        await until(lambda: worker.restarts >= 2, 5, "two failed starts")
+    failed = [r for r in caplog.records if "start or supervision failed" in r.getMessage()]
+    assert failed and failed[0].exc_info is not None, "logged without its traceback"
+    assert "IsADirectoryError" in "\n".join(worker.last_error)
+    assert worker.state in (WorkerState.RESTARTING, WorkerState.STARTING)
+    worker.log_path.rmdir()
+    await until(lambda: worker.is_ready, 10, "ready once the log can be opened")
+
+
+async def test_a_nonsense_models_answer_fails_the_start_but_not_the_worker(
+    supervise: Callable[..., Supervisor],
+) -> None:
+    """Finding 2: an engine answering /v1/models with {"data": null} made the probe raise
+    TypeError, which ended the worker's task and left it `starting` for good, its engine
+    running untracked.
+
+    1. Start a worker whose engine answers so, with a 1 s startup timeout and one failure
+    allowed; 2. it ends `failed` (the probe said "not ready" until the timeout);
+    3. its engine is stopped.
+    """
+    timings = Timings(**{**vars(FAST), "max_failures": 1})
+    slot = fake_slot("nulldata", startup_timeout=1, env={"FAKE_ENGINE_MODELS": '{"data": null}'})
+    supervisor = supervise([slot], timings=timings)
+    worker = supervisor.workers[0]
+    await supervisor.start()
+    await until(lambda: worker.state is WorkerState.FAILED, 10, "failed after the timeout")
+    await until(lambda: not engines_of("nulldata"), 5, "its engine stopped")
+
+
+async def test_restart_starts_a_worker_whose_task_ended(
+    supervise: Callable[..., Supervisor],
+) -> None:
+    """Finding 2: a worker whose task ended anyway (here: cancelled) is started again by
+    restart(), whatever its state says; before, only a `failed` one was.
+
+    1. Start a worker and let it be ready; 2. cancel its task: it still says `ready`;
+    3. restart(): a new task, the worker is ready again on a fresh engine.
+    """
+    supervisor = supervise([fake_slot("orphan")])
+    worker = supervisor.workers[0]
+    await supervisor.start()
+    await until(lambda: worker.is_ready, 10, "ready")
+    first = worker.process.pid if worker.process else None
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "worker orphan-0"]
+    task.cancel()
+    await asyncio.wait([task])
+    assert worker.state is WorkerState.READY
+    worker.restart()
+    assert worker.state is WorkerState.STARTING  # decided at once, not by the new task
+    await until(lambda: worker.is_ready and worker.process is not None, 10, "ready again")
+    assert worker.process is not None and worker.process.pid != first
+    await until(lambda: len(engines_of("orphan")) == 1, 5, "the old engine ended")
+
+
+async def test_two_restarts_at_once_of_a_failed_worker_give_one_engine(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """Finding 7: two admin restarts of a `failed` worker handled in the same loop turn
+    started two supervision loops, so one worker had two engines.
+
+    1. A worker whose engine exits at once until a marker file exists ends `failed`;
+    2. create the marker; send two POST /admin/workers/{id}/restart at once; 3. the worker
+    is ready with exactly one engine, and still one a moment later.
+    """
+    marker = tmp_path / "fixed"
+    model = fake_model("twice", env={"FAKE_ENGINE_FAIL_UNLESS": str(marker)})
+    config = Config.model_validate(
+        {"gateway": {"state_dir": str(tmp_path / "state"), "admin_keys": [ADMIN],
+                     "api_keys": ["sk-user"]}, "models": [model]}
+    )  # fmt: skip
+    slots = plan_workers(config, "test.yaml", gpu_count=0, cpu_cores=[0])
+    timings = Timings(**{**vars(FAST), "max_failures": 2})
+    supervisor = Supervisor(slots, tmp_path / "state", client, timings=timings)
+    app = create_app(config, supervisor, client)
+    worker = supervisor.workers[0]
+    async with app.router.lifespan_context(app):
+        await until(lambda: worker.state is WorkerState.FAILED, 10, "failed")
+        marker.touch()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as admin:
+            headers = {"Authorization": f"Bearer {ADMIN}"}
+            answers = await asyncio.gather(
+                *(admin.post("/admin/workers/twice-0/restart", headers=headers) for _ in "ab")
+            )
+        assert [a.status_code for a in answers] == [202, 202]
+        await until(lambda: worker.is_ready, 10, "ready after the restart")
+        await asyncio.sleep(0.5)  # a second loop would have started its engine by now
+        assert len(engines_of("twice")) == 1
+        assert worker.process is not None
+        assert worker.process.pid in {p.ppid() for p in engines_of("twice")}
+
+
+async def test_engines_get_no_gateway_secret_from_the_environment(
+    supervise: Callable[..., Supervisor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 13: every engine inherited the gateway's environment whole, admin key and
+    third-party keys included.
+
+    1. The gateway's environment holds ENGINEGATE_* keys, an upstream's key the config read
+    (named in hidden_env) and a harmless variable; 2. the fake engine dumps what it got;
+    3. it has the harmless variable and its own worker key, none of the secrets.
+    """
+    monkeypatch.setenv("ENGINEGATE_API_KEY", "user-key-env")
+    monkeypatch.setenv("ENGINEGATE_ADMIN_KEY", "admin-key-env")
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-third-party")
+    monkeypatch.setenv("HARMLESS_SETTING", "kept")
+    dump = tmp_path / "env.json"
+    slot = fake_slot("envdump", env={"FAKE_ENGINE_ENV_DUMP": str(dump)})
+    supervisor = supervise([slot], hidden_env=frozenset({"UPSTREAM_KEY"}))
+    await supervisor.start()
+    worker = supervisor.workers[0]
+    await until(lambda: worker.is_ready, 10, "ready")
+    env = json.loads(dump.read_text())
+    assert env["HARMLESS_SETTING"] == "kept"
+    assert env["VLLM_API_KEY"] == worker.api_key
+    leaked = {k: v for k, v in env.items() if "key-env" in v or "third-party" in v}
+    assert leaked == {}
+
+
+class Squatter:
+    """Another local user's listener, bound to the port the worker was given before its
+    engine binds it; answers /health and /v1/models like the engine would."""
+
+    def __init__(self, served_name: str) -> None:
+        self.served_name = served_name
+        self.port: int | None = None
+        self.heads: list[str] = []
+        self._sock: socket.socket | None = None
+        self._server: asyncio.Server | None = None
+
+    def take(self, port: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        self._sock, self.port = sock, port
+        asyncio.ensure_future(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._answer, sock=sock)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        self.heads.append(head)
+        models = {"object": "list", "data": [{"id": self.served_name}]}
+        body = json.dumps(models if "/v1/models" in head.split("\r\n")[0] else {}).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._sock is not None:
+            self._sock.close()
+
+
+async def test_a_squatter_on_the_port_is_never_trusted_nor_sent_the_key(
+    supervise: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 4: a listener that is not the engine's, on the engine's port, was marked
+    ready, sent the worker key and then users' prompts.
+
+    1. When the worker first starts, bind its port in this process (the squatter) and answer
+    /health and /v1/models; the engine binds late (1 s); 2. the worker is never ready on that
+    port, the squatter never sees an Authorization header, and the log names the problem;
+    3. the worker starts again on a new port and is ready with its own engine.
+    """
+    squatter = Squatter("squatted")
+    ready_ports: list[int | None] = []
+
+    def on_change(worker: Worker) -> None:
+        if worker.state is WorkerState.READY:
+            ready_ports.append(worker.port)
+
+    slot = fake_slot("squatted", env={"FAKE_ENGINE_BIND_DELAY": "1"})
+    supervisor = supervise([slot], on_change=on_change)
+    worker = supervisor.workers[0]
+    try:
+        with caplog.at_level(logging.ERROR, logger="enginegate.supervisor"):
+            await supervisor.start()
+            # The port is handed out before the engine is spawned; the engine waits 1 s.
+            await until(lambda: worker.port is not None, 2, "a port handed out")
+            assert worker.port is not None
+            squatter.take(worker.port)
+            await until(lambda: worker.is_ready, 15, "ready on a port of its own")
+    finally:
+        squatter.close()
+    assert squatter.heads, "the squatter was never asked: the test proved nothing"
+    assert not [h for h in squatter.heads if "authorization" in h.lower()]
+    assert squatter.port not in ready_ports and ready_ports == [worker.port]
+    assert any("another process holds the port" in r.getMessage() for r in caplog.records)
