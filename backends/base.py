@@ -1,7 +1,8 @@
 """What an engine adapter receives and returns, and what it knows about its engine.
 
-An adapter is pure: a `Slot` (one replica's model spec, devices and port) and a secret go in,
-a `Launch` (argv, env, where to probe and scrape) comes out. Starting and watching the process
+An adapter is pure: a `Slot` (one replica's model spec, devices), where to listen (a loopback
+port, or a Unix socket path for an engine that `listens_on_socket`) and a secret go in, a
+`Launch` (argv, env, where to probe and scrape) comes out. Starting and watching the process
 is the supervisor's job, so adapters are unit-tested by comparing argv lists. Every fact that
 differs between engines (flag spellings, memory rule, endpoints) lives in its adapter, so a new
 engine is one adapter module and its tests.
@@ -41,6 +42,9 @@ class Launch:
     api_key: str | None = None
     remove_env: tuple[str, ...] = field(default=UNSAFE_ENV)
     metrics_url: str | None = None  # the engine's Prometheus page; None: not ours to scrape
+    # The Unix socket the engine serves HTTP on; the URLs above then say only the path (their
+    # host means nothing). None: TCP, to the URLs' host and port.
+    socket_path: str | None = None
 
     @property
     def has_process(self) -> bool:
@@ -53,6 +57,12 @@ class Adapter(Protocol):
     @property
     def has_process(self) -> bool:
         """False for a server someone else runs: no process, port, devices or metrics."""
+        ...
+
+    @property
+    def listens_on_socket(self) -> bool:
+        """True: the engine serves HTTP on the Unix socket `launch` is given, and needs no
+        TCP port; its URLs are reached through that socket."""
         ...
 
     @property
@@ -84,8 +94,16 @@ class Adapter(Protocol):
         ...
 
     def launch(
-        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
-    ) -> Launch: ...
+        self,
+        slot: Slot,
+        port: int,
+        api_key: str,
+        side_ports: tuple[int, ...] = (),
+        socket_path: str | None = None,
+    ) -> Launch:
+        """`port` for an engine on TCP, `socket_path` for one that `listens_on_socket` (which
+        raises ValueError without it); each ignores the other."""
+        ...
 
     def memory_budget(
         self, need: Estimate, total: int, free: int, spec: ModelSpec
@@ -103,9 +121,11 @@ def local_launch(
     api_key: str,
     health: str,
     metrics: str = "/metrics",
+    socket_path: str | None = None,
 ) -> Launch:
-    """The Launch of an engine on this host: loopback URLs, the spec's env applied last."""
-    base = f"http://127.0.0.1:{port}"
+    """The Launch of an engine on this host: loopback URLs (or URLs through `socket_path`),
+    the spec's env applied last."""
+    base = "http://localhost" if socket_path else f"http://127.0.0.1:{port}"
     return Launch(
         argv=argv,
         env={**env, **spec.env},
@@ -114,6 +134,7 @@ def local_launch(
         served_name=spec.name,
         api_key=api_key,
         metrics_url=f"{base}{metrics}",
+        socket_path=socket_path,
     )
 
 

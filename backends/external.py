@@ -10,6 +10,7 @@ from backends.spec import ModelSpec
 
 class ExternalAdapter:
     has_process = False
+    listens_on_socket = False
     devices = ("cuda", "cpu")  # `device:` means nothing here; the spec's default is accepted
     pipeline_parallel = False
     context_flag = None
@@ -19,7 +20,12 @@ class ExternalAdapter:
         return 0
 
     def launch(
-        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+        self,
+        slot: Slot,
+        port: int,
+        api_key: str,
+        side_ports: tuple[int, ...] = (),
+        socket_path: str | None = None,
     ) -> Launch:
         spec = slot.model
         return Launch(

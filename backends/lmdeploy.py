@@ -13,6 +13,14 @@ set here are checked against LMDeploy's own parser in tests/unit/test_lmdeploy_a
   instances never share one. The variable is harmless to TurboMind, which never reads it.
 - `/health` is 200 with `{"status": "healthy"}` once the engine answered its first probe
   (503 `initializing` before); it skips the key, but `/metrics` and `/v1/models` need it.
+
+Known limitation: the server has no Unix socket option (as vLLM's `--uds`), so it listens on
+a loopback port any local user can connect to. In 0.18.0 that is safe only because the key
+guards every route but the `/health`, `/docs`, `/redoc` and `/nodes` prefixes
+(`serve/utils/server_utils.py::AuthenticationMiddleware.skip_prefixes`, `/generate` included);
+its docstring says every path outside /v1 goes through unchecked. Should the code come to do
+that, local users could run inference around the gateway's keys and limits: re-read it on
+every LMDeploy upgrade.
 """
 
 from dataclasses import replace
@@ -30,6 +38,7 @@ REASONING_PARSERS = {"deepseek_r1": "default", "deepseek_v3": "deepseek-v3", "qw
 
 class LmdeployAdapter:
     has_process = True
+    listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = False  # `serve api_server` has no pipeline-parallel flag
     context_flag = "session-len"
@@ -39,7 +48,12 @@ class LmdeployAdapter:
         return 1 if _may_run_pytorch_tp(spec) else 0  # MASTER_PORT
 
     def launch(
-        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+        self,
+        slot: Slot,
+        port: int,
+        api_key: str,
+        side_ports: tuple[int, ...] = (),
+        socket_path: str | None = None,
     ) -> Launch:
         spec = slot.model
         if len(side_ports) != self.side_ports(spec):

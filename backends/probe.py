@@ -9,6 +9,10 @@ seconds (vLLM) or minutes (SGLang, after loading the model) later, and the port 
 engine's argv for any local user to read in `ps`: whoever binds it first gets the connections.
 So for an engine we started, the socket listening on the port must belong to a process of its
 tree (the kernel's /proc/<pid>/fd of our own children) before the key is ever sent.
+
+An engine on a Unix socket (`port` None, the client connects through the socket) needs no such
+check: its directory is 0700 and the gateway's (backends/sockets.py), so no other user can
+bind there first, and the supervisor removed any file left in it before the engine started.
 """
 
 from collections.abc import Iterable
@@ -36,7 +40,8 @@ async def probe(
     timeout: float,
     full: bool,
 ) -> Probe:
-    """One probe of a worker; `engine` and `port` are None for a server someone else runs."""
+    """One probe of a worker; `engine` and `port` are None for a server someone else runs,
+    `port` alone for an engine on a Unix socket (`client` goes through it)."""
     try:
         health = None
         if launch.health_url:

@@ -9,6 +9,8 @@ Facts relied on (../shared/ENGINES.md §2, read again in the 0.5.23 wheel):
   Everything else is ZMQ over IPC files on one host without attention-DP (`PortArgs.init_new`).
 - The key is read from `--api-key` only: there is no environment variable for it (a `--config`
   YAML file is the one other way). It is per worker and random, and the engine binds 127.0.0.1.
+  The key guards every route but `/health*` and `/metrics`, so unlike vLLM (backends/vllm.py)
+  the engine can stay on a loopback port.
 - `/health` runs a one-token generation and takes at least a second (up to 20 s before it
   gives up); `/ready` is cheap and answers 200 only once warm-up is done and until SIGTERM, so
   the supervisor polls `/ready`. `/health`, `/ready` and `/metrics` skip the key.
@@ -27,6 +29,7 @@ REASONING_PARSERS = {"deepseek_r1": "deepseek-r1", "deepseek_v3": "deepseek-v3",
 
 class SglangAdapter:
     has_process = True
+    listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = True
     context_flag = "context-length"
@@ -36,7 +39,12 @@ class SglangAdapter:
         return 1  # --nccl-port
 
     def launch(
-        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+        self,
+        slot: Slot,
+        port: int,
+        api_key: str,
+        side_ports: tuple[int, ...] = (),
+        socket_path: str | None = None,
     ) -> Launch:
         spec = slot.model
         if len(side_ports) != self.side_ports(spec):

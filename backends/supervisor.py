@@ -12,8 +12,12 @@ Whatever goes wrong inside a start (no file descriptor left for a port or the lo
 disk, an engine answering nonsense) is logged with its traceback and counted as a failed
 start: the task never dies of it. `Worker.restart()` is the one way to restart a worker.
 
-The gateway reads `state`, `base_url`, `api_key` and keeps `in_flight` for routing; nothing
-here imports the gateway.
+The gateway reads `state`, `base_url`, `socket_path`, `api_key` and keeps `in_flight` for
+routing; nothing here imports the gateway.
+
+An engine that `listens_on_socket` (vLLM) gets no TCP port: it serves on a Unix socket in a
+directory only the gateway's user can open (backends/sockets.py), and the worker's own httpx
+client (`client`) reaches it there for probes and metrics.
 """
 
 import asyncio
@@ -36,6 +40,7 @@ from backends.base import Launch, Slot
 from backends.ports import PortAllocator
 from backends.probe import Probe, probe
 from backends.process import EngineProcess, end_leftovers, kill_tree, tail
+from backends.sockets import WorkerSocket
 
 log = logging.getLogger("enginegate.supervisor")
 
@@ -95,6 +100,7 @@ class WorkerView:
     gpus: tuple[int, ...]
     cpu_ranks: tuple[str, ...]
     port: int | None
+    socket: str | None  # the Unix socket the engine serves on, for one with no port
     pid: int | None
     url: str | None
     uptime_seconds: float | None
@@ -134,6 +140,8 @@ class Worker:
         self._record = state_dir / "workers" / f"{self.id}.json"
         self._ports = ports
         self._client = client
+        self._socket = WorkerSocket(state_dir, self.id)
+        self._socket_client: httpx.AsyncClient | None = None  # made with its first launch
         self._on_change = on_change
         self._timings = timings
         self._hidden_env = hidden_env
@@ -151,6 +159,16 @@ class Worker:
     def base_url(self) -> str:
         assert self.launch is not None, "worker has not been started"
         return self.launch.base_url
+
+    @property
+    def socket_path(self) -> str | None:
+        """The Unix socket `base_url` is reached through; None: TCP."""
+        return self.launch.socket_path if self.launch else None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The httpx client that reaches this worker's engine (probes, the metrics scrape)."""
+        return self._socket_client or self._client
 
     @property
     def api_key(self) -> str | None:
@@ -171,6 +189,7 @@ class Worker:
             gpus=self.slot.gpus,
             cpu_ranks=self.slot.cpu_ranks,
             port=self.port,
+            socket=self.socket_path,
             pid=self.process.pid if self.process else None,
             url=self.launch.base_url if self.launch else None,
             uptime_seconds=uptime,
@@ -216,19 +235,31 @@ class Worker:
             if not self._task.cancelled() and self._task.exception() is not None:
                 log.error("worker %s: its task ended", self.id, exc_info=self._task.exception())
         await self._end_process("stopping")  # left by a task that did not end normally
+        self._socket.remove()
+        if self._socket_client is not None:
+            await self._socket_client.aclose()
+            self._socket_client = None
         self._set(WorkerState.STOPPED)
 
     def plan_launch(self) -> Launch:
-        """Fresh ports and secret for the next start (a dead engine's ports may linger)."""
+        """Fresh ports and secret for the next start (a dead engine's ports may linger); for
+        an engine on a Unix socket, the worker's socket path, cleared of a dead engine's file."""
         for port in (self.port, *self.side_ports):
             if port is not None:
                 self._ports.release(port)
         self.port, self.side_ports = None, ()
-        self.port = self._ports.allocate() if self._adapter.has_process else None
-        count = self._adapter.side_ports(self.slot.model)
+        adapter = self._adapter
+        on_socket = adapter.listens_on_socket
+        self.port = self._ports.allocate() if adapter.has_process and not on_socket else None
+        count = adapter.side_ports(self.slot.model)
         self.side_ports = tuple(self._ports.allocate() for _ in range(count))
+        socket_path = str(self._socket.prepare()) if on_socket else None
+        if socket_path and self._socket_client is None:
+            # The path stays the worker's until stop(), which closes this client with it.
+            transport = httpx.AsyncHTTPTransport(uds=socket_path)
+            self._socket_client = httpx.AsyncClient(transport=transport, trust_env=False)
         secret = secrets.token_urlsafe(32)
-        return self._adapter.launch(self.slot, self.port or 0, secret, self.side_ports)
+        return adapter.launch(self.slot, self.port or 0, secret, self.side_ports, socket_path)
 
     def _set(self, state: WorkerState) -> None:
         if state is self.state:
@@ -361,7 +392,7 @@ class Worker:
     async def _probe(self, full: bool) -> Probe:
         assert self.launch is not None
         timeout = self._timings.health_timeout
-        return await probe(self._client, self.launch, self.process, self.port, timeout, full)
+        return await probe(self.client, self.launch, self.process, self.port, timeout, full)
 
     def _port_taken(self) -> None:
         message = (

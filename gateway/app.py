@@ -67,7 +67,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     app.allowed_hosts = None if g.api_keys else allowed_hosts(g.host, g.port)
     install_handlers(app)
     app.include_router(router)
-    scraper = EngineScraper(supervisor, client, metrics.registry)
+    scraper = EngineScraper(supervisor, metrics.registry)
     app.include_router(metrics_router(metrics, scraper, config.gateway.metrics_token))
     admin = AdminAuth(config.gateway.admin_keys, gateway.keys)
     app.include_router(admin_router(gateway, admin, metrics.gpus))

@@ -17,6 +17,7 @@ import uvloop
 from backends.adapters import ADAPTERS
 from backends.base import Slot
 from backends.ports import PortAllocator
+from backends.sockets import WorkerSocket
 from backends.statedir import StateDirError, claim
 from backends.supervisor import Supervisor, Timings
 from gateway import __version__, plan, status
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {exc}")
     config, slots = fleet.config, fleet.slots
     if args.command == "check":
-        print(describe_plan(slots))
+        print(describe_plan(slots, config.gateway.state_dir))
         return
     try:
         # Held until the process exits: one gateway per state directory.
@@ -141,16 +142,19 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def describe_plan(slots: list[Slot]) -> str:
-    """The placement as `enginegate check` prints it; ports are examples, serve picks anew."""
+def describe_plan(slots: list[Slot], state_dir: Path) -> str:
+    """The placement as `enginegate check` prints it; ports are examples, serve picks anew.
+    Nothing is made: a socket path is where it will be (or, too long, what it looks like)."""
     ports = PortAllocator()
     lines = []
     for slot in slots:
         spec = slot.model
         adapter = ADAPTERS[spec.backend]
-        port = ports.allocate()
+        on_socket = adapter.listens_on_socket
+        port = 0 if on_socket else ports.allocate()
         side_ports = tuple(ports.allocate() for _ in range(adapter.side_ports(spec)))
-        launch = adapter.launch(slot, port, "<per-worker secret>", side_ports)
+        socket_path = WorkerSocket(state_dir, slot.worker_id).planned if on_socket else None
+        launch = adapter.launch(slot, port, "<per-worker secret>", side_ports, socket_path)
         devices = (
             f"gpus {','.join(map(str, slot.gpus))}"
             if slot.gpus
@@ -163,6 +167,8 @@ def describe_plan(slots: list[Slot]) -> str:
             f"{devices}"
         )
         lines.append(f"  url   {launch.base_url}")
+        if launch.socket_path:
+            lines.append(f"  via   unix socket {launch.socket_path}")
         if launch.argv:
             lines.append(f"  argv  {shlex.join(launch.argv)}")
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in launch.env.items())

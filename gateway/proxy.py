@@ -150,7 +150,8 @@ class Proxy:
         headers = {"content-type": "application/json"}
         if worker.api_key:
             headers["authorization"] = f"Bearer {worker.api_key}"
-        return await self.upstream.post(worker.id, worker.base_url + path, raw, headers)
+        url = worker.base_url + path
+        return await self.upstream.post(worker.id, url, raw, headers, worker.socket_path)
 
     async def _error_response(self, call: Call, upstream: UpstreamResponse) -> Response:
         try:

@@ -1,7 +1,8 @@
 """What Prometheus scrapes: `/metrics` (the gateway's own) and `/metrics/workers` (the engines').
 
-Engines bind 127.0.0.1, so Prometheus cannot reach them; `/metrics/workers` fetches every ready
-worker's `/metrics` at scrape time, all at once with a short timeout, adds `model` and `worker`
+Engines listen on 127.0.0.1 or a private Unix socket, so Prometheus cannot reach them;
+`/metrics/workers` fetches every ready worker's `/metrics` at scrape time (through the worker's
+own client, which knows its socket), all at once with a short timeout, adds `model` and `worker`
 labels and serves the lot as one page. A worker that does not answer in time is left out of
 that scrape and counted in `enginegate_worker_scrape_failures_total`.
 
@@ -34,14 +35,9 @@ class EngineScraper:
     """Fetches, relabels and merges the engines' own metrics pages."""
 
     def __init__(
-        self,
-        supervisor: Supervisor,
-        client: httpx.AsyncClient,
-        registry: CollectorRegistry,
-        timeout: float = WORKER_TIMEOUT,
+        self, supervisor: Supervisor, registry: CollectorRegistry, timeout: float = WORKER_TIMEOUT
     ) -> None:
         self.supervisor = supervisor
-        self.client = client
         self.timeout = timeout
         self.failures = Counter(
             "enginegate_worker_scrape_failures",
@@ -65,7 +61,7 @@ class EngineScraper:
         if worker.api_key:
             headers["Authorization"] = f"Bearer {worker.api_key}"
         try:
-            resp = await self.client.get(url, headers=headers, timeout=self.timeout)
+            resp = await worker.client.get(url, headers=headers, timeout=self.timeout)
             resp.raise_for_status()
             return relabel(resp.text, {"model": worker.model_name, "worker": worker.id})
         except (httpx.HTTPError, ValueError) as exc:

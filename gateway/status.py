@@ -108,7 +108,7 @@ def render(status: dict[str, Any], url: str) -> str:
             w["model"],
             w["state"],
             w["devices"],
-            _dash(w["port"]),
+            _where(w),
             _dash(w["pid"]),
             duration(w["uptime_seconds"]),
             w["restarts"],
@@ -183,6 +183,11 @@ def _count(totals: dict[str, dict[str, float]], key: str, model: str) -> int:
 
 def _dash(value: Any) -> Any:
     return "-" if value is None else value
+
+
+def _where(worker: dict[str, Any]) -> Any:
+    """The PORT column: the port, `unix` for an engine on a Unix socket, else `-`."""
+    return "unix" if worker["port"] is None and worker.get("socket") else _dash(worker["port"])
 
 
 def _message(resp: httpx.Response) -> str:

@@ -10,6 +10,9 @@ opening or reading, comes out as an UpstreamError that names the worker and not 
 (the details go to the log). Failures before an answer are sorted here, once, into those
 another replica may take (`may_retry`: the request never reached an engine) and those it must
 not take (an engine may be working on it already).
+
+Engines on TCP share one pooled session; an engine on a Unix socket (vLLM, so that no other
+local user reaches it: backends/sockets.py) gets a session of its own through that socket.
 """
 
 import logging
@@ -31,7 +34,8 @@ FAILURES = (aiohttp.ClientError, TimeoutError)
 
 
 class Upstream:
-    """Created lazily inside the running loop (aiohttp wants that); close() at shutdown."""
+    """Sessions are created lazily inside the running loop (aiohttp wants that): one for every
+    engine on TCP, one per Unix socket. close() at shutdown."""
 
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
         # sock_read bounds the wait for the first byte and every gap between chunks; a stream
@@ -39,32 +43,50 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str | None, aiohttp.ClientSession] = {}  # by socket path, None: TCP
 
     async def post(
-        self, worker_id: str, url: str, body: bytes, headers: dict[str, str]
+        self,
+        worker_id: str,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        socket_path: str | None = None,
     ) -> "UpstreamResponse":
-        """The engine's answer once its status and headers are in; its body is not read yet."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                # No pool limit: admission limits load. Idle connections are dropped before
-                # uvicorn's 5 s keep-alive (every engine serves with it) would close them
-                # under a request that is just being sent.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
-                timeout=self._timeout,
-                auto_decompress=False,  # bytes are relayed as they come (and come uncompressed)
-            )
+        """The engine's answer once its status and headers are in; its body is not read yet.
+        With `socket_path`, the request goes through that Unix socket (`url` gives the path)."""
+        session = self._session(socket_path)
         try:
-            response = await self._session.post(url, data=body, headers=HEADERS | headers)
+            response = await session.post(url, data=body, headers=HEADERS | headers)
         except FAILURES as exc:
-            log.warning("worker %s at %s: %s: %s", worker_id, url, type(exc).__name__, exc)
+            where = f"{url} via {socket_path}" if socket_path else url
+            log.warning("worker %s at %s: %s: %s", worker_id, where, type(exc).__name__, exc)
             raise sort_failure(exc, worker_id) from None
         return UpstreamResponse(response, worker_id)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
+
+    def _session(self, socket_path: str | None) -> aiohttp.ClientSession:
+        session = self._sessions.get(socket_path)
+        if session is None or session.closed:
+            # No pool limit: admission limits load. Idle connections are dropped before
+            # uvicorn's 5 s keep-alive (every engine serves with it) would close them under a
+            # request that is just being sent.
+            connector: aiohttp.BaseConnector
+            if socket_path is None:
+                connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
+            else:
+                connector = aiohttp.UnixConnector(socket_path, limit=0, keepalive_timeout=4)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,  # bytes are relayed as they come (and come uncompressed)
+            )
+            self._sessions[socket_path] = session
+        return session
 
 
 class UpstreamResponse:

@@ -1,9 +1,10 @@
 """The e2e tier: one real gateway with real vLLM CPU workers, shared by the session.
 
-`bash deploy/setup-cpu-engine.sh` provides the engine venv and a tiny random-weight model (it
-installs them on first use). The shared gateway serves two workers, `tiny` (tp=1) and
-`tiny-tp2` (tp=2); tests that need a gateway of their own start one with `GatewayProcess`.
-Whatever happens in a test, teardown ends every process a gateway started.
+`bash deploy/setup-cpu-engine.sh` provides the engine venv and the models: tiny random-weight
+ones and SmolLM2-135M-Instruct (it installs them on first use). The shared gateway serves two
+workers, `tiny` (tp=1) and `tiny-tp2` (tp=2); tests that need a gateway of their own start
+one with `GatewayProcess`. Whatever happens in a test, teardown ends every process a gateway
+started.
 
 Timings measured on the way (start → ready, restart after kill -9, ...) are printed in the
 terminal summary.
@@ -40,6 +41,8 @@ class Engine:
     model: str
     r1_model: str = ""  # DeepSeek-R1 style chat template (tests/e2e/test_clients.py)
     embed_model: str = ""  # a BERT for /v1/embeddings
+    ds_model: str = ""  # random DeepseekV3ForCausalLM (MLA + MoE), R1 template
+    smollm2_model: str = ""  # SmolLM2-135M-Instruct, real weights (tests/e2e/test_real_model.py)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -123,6 +126,8 @@ def engine() -> Engine:
         model=values["TINY_MODEL"],
         r1_model=values.get("TINY_R1_MODEL", ""),
         embed_model=values.get("TINY_EMBED_MODEL", ""),
+        ds_model=values.get("TINY_DS_MODEL", ""),
+        smollm2_model=values.get("SMOLLM2_MODEL", ""),
     )
 
 

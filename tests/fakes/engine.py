@@ -1,10 +1,12 @@
 """A scripted stand-in for an engine process, for supervision tests: never an engine.
 
-    python tests/fakes/engine.py --port N --served-model-name NAME [other vLLM flags, ignored]
+    python tests/fakes/engine.py --uds PATH --served-model-name NAME [other vLLM flags, ignored]
+    python tests/fakes/engine.py --port N --api-key KEY --served-model-name NAME [SGLang's]
 
-It serves GET /health and GET /v1/models on 127.0.0.1:N; /v1/* needs
-`Authorization: Bearer $VLLM_API_KEY` when that is set, as vLLM does. Switches, from its
-environment (a model's `env:` sets them):
+It serves GET /health, /ready, /metrics and /v1/models on the Unix socket PATH (as vLLM does,
+given --uds) or on 127.0.0.1:N (as SGLang does); /v1/* needs `Authorization: Bearer KEY` when
+$VLLM_API_KEY or --api-key sets one. Switches, from its environment (a model's `env:` sets
+them):
 
     FAKE_ENGINE_BIND_DELAY=S      sleep S seconds before binding (an engine loading a model)
     FAKE_ENGINE_MODELS=JSON       answer /v1/models with this body instead of the served name
@@ -17,15 +19,23 @@ Only the standard library, so it starts in a few tens of milliseconds.
 import argparse
 import json
 import os
+import socketserver
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--uds")
+    where.add_argument("--port", type=int)
     parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--api-key")
     args, _ = parser.parse_known_args()
     env = os.environ
     if "FAKE_ENGINE_FAIL_UNLESS" in env and not os.path.exists(env["FAKE_ENGINE_FAIL_UNLESS"]):
@@ -36,12 +46,14 @@ def main() -> None:
     time.sleep(float(env.get("FAKE_ENGINE_BIND_DELAY", "0")))
     listed = {"object": "list", "data": [{"id": args.served_model_name, "object": "model"}]}
     models = env.get("FAKE_ENGINE_MODELS", json.dumps(listed)).encode()
-    key = env.get("VLLM_API_KEY")
+    key = env.get("VLLM_API_KEY") or args.api_key
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/health":
+            if self.path in ("/health", "/ready"):
                 self._answer(200, b"{}")
+            elif self.path == "/metrics":
+                self._answer(200, b"fake_engine_up 1\n", "text/plain; version=0.0.4")
             elif key and self.headers.get("Authorization") != f"Bearer {key}":
                 self._answer(401, b'{"error": "bad key"}')
             elif self.path == "/v1/models":
@@ -49,9 +61,9 @@ def main() -> None:
             else:
                 self._answer(404, b"{}")
 
-        def _answer(self, status: int, body: bytes) -> None:
+        def _answer(self, status: int, body: bytes, kind: str = "application/json") -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -59,8 +71,14 @@ def main() -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    print(f"fake engine {args.served_model_name} on 127.0.0.1:{args.port}", flush=True)
+    server: socketserver.BaseServer
+    if args.uds:
+        server = UnixHTTPServer(args.uds, Handler)
+        where = args.uds
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+        where = f"127.0.0.1:{args.port}"
+    print(f"fake engine {args.served_model_name} on {where}", flush=True)
     server.serve_forever()
 
 

@@ -288,15 +288,23 @@ class GatewayProcess:
             parts.append(tail(path, lines))
         return "\n".join(parts)
 
-    def client(self, api_key: str | None = None, base_url: str | None = None) -> openai.OpenAI:
-        """An OpenAI SDK client of this gateway (or of `base_url`); no retries, so every
-        failure shows."""
+    def client(
+        self, api_key: str | None = None, base_url: str | None = None, socket: str | None = None
+    ) -> openai.OpenAI:
+        """An OpenAI SDK client of this gateway (or of `base_url`, through the Unix socket
+        `socket` if given: a vLLM engine's); no retries, so every failure shows."""
+        http = engine_http(socket, timeout=120) if socket else None
         return openai.OpenAI(
             base_url=base_url or f"{self.url}/v1",
             api_key=api_key or self.api_key,
             max_retries=0,
             timeout=120,
+            http_client=http,
         )
+
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        """One worker as GET /admin/workers shows it (needs `admin_key`)."""
+        return next(w for w in self.workers() if w["id"] == worker_id)
 
     def metrics_page(self) -> str:
         """GET /metrics, with the metrics token when there is one."""
@@ -316,6 +324,21 @@ class GatewayProcess:
         resp.raise_for_status()
         data: list[dict[str, Any]] = resp.json()["data"]
         return data
+
+
+def engine_http(socket: str, **options: Any) -> httpx.Client:
+    """An httpx client of an engine on a Unix socket (vLLM workers listen on no TCP port); the
+    host of the URLs it gets means nothing, e.g. `http://localhost/metrics`."""
+    transport = httpx.HTTPTransport(uds=socket)
+    return httpx.Client(transport=transport, trust_env=False, **options)
+
+
+def engine_base(worker: dict[str, Any]) -> tuple[str, str | None]:
+    """A worker's engine from its GET /admin/workers entry: its root URL and, for one on a
+    Unix socket, that socket (for `engine_http` or `client(socket=...)`)."""
+    if worker.get("socket"):
+        return "http://localhost", worker["socket"]
+    return f"http://127.0.0.1:{worker['port']}", None
 
 
 def bearer(token: str | None) -> dict[str, str]:

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from fakes.gateway_process import bearer, is_alive, wait_gone
+from fakes.gateway_process import bearer, engine_base, engine_http, is_alive, wait_gone
 from fakes.metrics import samples
 from gpu_kit import (
     API_KEY,
@@ -125,11 +125,13 @@ class OpsGateway(Gateway):
         assert children, f"guard {guard.pid} of {worker['id']} has no engine process"
         return min(children, key=lambda p: p.create_time())
 
-    def direct(self, worker: dict[str, Any]) -> tuple[str, str]:
-        """The engine's own base URL (no /v1) and its key, to talk to it past the gateway."""
+    def direct(self, worker: dict[str, Any]) -> tuple[str, str, str | None]:
+        """The engine's own base URL (no /v1), its key and its Unix socket (vLLM listens on no
+        TCP port), to talk to it past the gateway."""
         key = self.engine_of_worker(worker).environ().get("VLLM_API_KEY")
         assert key, f"no VLLM_API_KEY in the environment of {worker['id']}'s engine"
-        return f"http://127.0.0.1:{worker['port']}", key
+        base, socket = engine_base(worker)
+        return base, key, socket
 
 
 def seconds_left() -> float:
@@ -203,9 +205,12 @@ def test_pp2_serves_chat_streaming_and_not(pp2: OpsGateway, rig: Rig, results: R
 
     # Latency through the gateway and straight to the engine, as for tp=2 in test_vllm_gpu.
     worker = pp2.workers()[0]
-    base, key = pp2.direct(worker)
+    base, key, socket = pp2.direct(worker)
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "direct": []}
-    with pp2.client() as through, pp2.client(base_url=f"{base}/v1", api_key=key) as direct:
+    with (
+        pp2.client() as through,
+        pp2.client(base_url=f"{base}/v1", api_key=key, socket=socket) as direct,
+    ):
         for sdk in (through, direct):
             timed_stream(sdk, PP2, 8)  # warm-up
         for _ in range(5):
@@ -308,16 +313,20 @@ def test_pp2_gateway_sigkill_leaves_no_process_on_any_gpu(
 # ------------------------------------------------- (b) two tp=1 replicas, routing policies
 
 
-async def drive(base: str, key: str, requests: list[list[dict]]) -> dict[str, Any]:
-    """Stream every request, CONCURRENCY at a time; TTFT, tokens and rates as clients see them."""
+async def drive(
+    base: str, key: str, requests: list[list[dict]], socket: str | None = None
+) -> dict[str, Any]:
+    """Stream every request, CONCURRENCY at a time; TTFT, tokens and rates as clients see them.
+    `socket`: the Unix socket `base` is reached through (an engine's)."""
     queue: asyncio.Queue[list[dict]] = asyncio.Queue()
     for messages in requests:
         queue.put_nowait(messages)
     done: list[dict[str, float]] = []
     errors: list[str] = []
     limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    transport = httpx.AsyncHTTPTransport(uds=socket, limits=limits)
     async with httpx.AsyncClient(
-        base_url=base, headers=bearer(key), timeout=300, limits=limits, trust_env=False
+        base_url=base, headers=bearer(key), timeout=300, transport=transport, trust_env=False
     ) as client:
 
         async def one(messages: list[dict]) -> None:
@@ -414,7 +423,8 @@ def engine_counters(gw: OpsGateway, workers: list[dict[str, Any]]) -> dict[str, 
         add(resp.text, "/metrics/workers")
         for worker in workers:
             if worker["id"] not in out:
-                text = client.get(f"http://127.0.0.1:{worker['port']}/metrics").text
+                with engine_http(worker["socket"], timeout=15) as engine:
+                    text = engine.get("http://localhost/metrics").text
                 add(text, "engine /metrics", only=worker["id"])
     return out
 
@@ -475,7 +485,7 @@ def test_two_tp1_replicas_routing(
         workers = gw.workers()
         assert len(workers) == 2, workers
         placement: dict[str, Any] = {
-            w["id"]: {"gpus": w["gpus"], "port": w["port"]} for w in workers
+            w["id"]: {"gpus": w["gpus"], "socket": w["socket"]} for w in workers
         }
         if not rig.on_cpu:
             views = gpu_views()
@@ -498,11 +508,14 @@ def test_two_tp1_replicas_routing(
 
         # The same workload straight to one engine (replica 0), after the gateway's run: its
         # cache is warm with what routing left there, so its hit rate is not comparable.
-        base, key = gw.direct(workers[0])
-        direct = asyncio.run(drive(base, key, requests))
+        base, key, socket = gw.direct(workers[0])
+        direct = asyncio.run(drive(base, key, requests, socket))
         # Single streams, 128 tokens: the gateway's own overhead.
         runs: dict[str, list[dict[str, float]]] = {"gateway": [], "direct": []}
-        with gw.client() as sdk_gw, gw.client(base_url=f"{base}/v1", api_key=key) as sdk_direct:
+        with (
+            gw.client() as sdk_gw,
+            gw.client(base_url=f"{base}/v1", api_key=key, socket=socket) as sdk_direct,
+        ):
             for sdk in (sdk_gw, sdk_direct):
                 timed_stream(sdk, ROUTED, 8)
             for _ in range(5):

@@ -146,13 +146,13 @@ def test_tp2_plan_against_what_vllm_took(tp2: Gateway, rig: Rig, results: Result
 def test_tp2_latency_through_gateway_and_direct(tp2: Gateway, results: Results) -> None:
     """The same streamed requests through the gateway and straight to the engine."""
     engine = tp2.engine_of(TP2)
-    port = flag(engine.cmdline(), "--port")
+    socket = flag(engine.cmdline(), "--uds")
     key = engine.environ().get("VLLM_API_KEY")
-    assert port and key, "the engine's port and key should be on its argv and in its env"
+    assert socket and key, "the engine's socket and key should be on its argv and in its env"
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "direct": []}
     with (
         tp2.client() as through,
-        tp2.client(base_url=f"http://127.0.0.1:{port}/v1", api_key=key) as direct,
+        tp2.client(base_url="http://localhost/v1", api_key=key, socket=socket) as direct,
     ):
         for sdk in (through, direct):  # warm-up, not counted
             timed_stream(sdk, TP2, 8)
@@ -263,8 +263,8 @@ def test_two_tp1_engines_one_per_gpu(rig, tiny_model, workdir, gateways, results
             assert reply.usage.completion_tokens == 8
 
     engines = {name: gw.engine_of(name) for name in names}
-    ports = {name: flag(proc.cmdline(), "--port") for name, proc in engines.items()}
-    assert len(set(ports.values())) == 2, ports
+    sockets = {name: flag(proc.cmdline(), "--uds") for name, proc in engines.items()}
+    assert len(set(sockets.values())) == 2, sockets
     if rig.on_cpu:
         return
     visible = {name: proc.environ().get("CUDA_VISIBLE_DEVICES") for name, proc in engines.items()}
@@ -273,7 +273,7 @@ def test_two_tp1_engines_one_per_gpu(rig, tiny_model, workdir, gateways, results
     memory = {name: memory_of(gw, name, views) for name in names}
     results.record(
         "two tp1: placement",
-        {"ports": ports, "CUDA_VISIBLE_DEVICES": visible, "memory": memory},
+        {"sockets": sockets, "CUDA_VISIBLE_DEVICES": visible, "memory": memory},
     )
     # Each engine on exactly one GPU, the one placement gave it, and not the other's.
     for name in names:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,12 +23,15 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from fakes.other_user import connect_as_nobody
+from prometheus_client import CollectorRegistry
 
 from backends.base import Slot
 from backends.spec import ModelSpec
 from backends.supervisor import Supervisor, Timings, Worker, WorkerState
 from gateway.app import create_app
 from gateway.config import Config, plan_workers
+from gateway.scrape import EngineScraper
 
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "engine.py"
 FAST = Timings(
@@ -55,7 +59,14 @@ def fake_model(name: str = "fake", **fields: Any) -> dict[str, Any]:
 
 
 def fake_slot(name: str = "fake", **fields: Any) -> Slot:
+    """A vLLM worker: the fake engine serves on the Unix socket it is given (`--uds`)."""
     return Slot(f"{name}-0", ModelSpec(**fake_model(name, **fields)), 0, cpu_ranks=("0",))
+
+
+def fake_tcp_slot(name: str = "fake", **fields: Any) -> Slot:
+    """An SGLang worker: the fake engine serves on the loopback port it is given."""
+    spec = ModelSpec(**{**fake_model(name, **fields), "backend": "sglang", "device": "cuda"})
+    return Slot(f"{name}-0", spec, 0, gpus=(0,))
 
 
 @pytest.fixture(autouse=True)
@@ -303,6 +314,7 @@ async def test_a_squatter_on_the_port_is_never_trusted_nor_sent_the_key(
     /health and /v1/models; the engine binds late (1 s); 2. the worker is never ready on that
     port, the squatter never sees an Authorization header, and the log names the problem;
     3. the worker starts again on a new port and is ready with its own engine.
+    An SGLang worker: vLLM ones have no port since finding 19 (a private Unix socket instead).
     """
     squatter = Squatter("squatted")
     ready_ports: list[int | None] = []
@@ -311,7 +323,7 @@ async def test_a_squatter_on_the_port_is_never_trusted_nor_sent_the_key(
         if worker.state is WorkerState.READY:
             ready_ports.append(worker.port)
 
-    slot = fake_slot("squatted", env={"FAKE_ENGINE_BIND_DELAY": "1"})
+    slot = fake_tcp_slot("squatted", env={"FAKE_ENGINE_BIND_DELAY": "1"})
     supervisor = supervise([slot], on_change=on_change)
     worker = supervisor.workers[0]
     try:
@@ -328,3 +340,66 @@ async def test_a_squatter_on_the_port_is_never_trusted_nor_sent_the_key(
     assert not [h for h in squatter.heads if "authorization" in h.lower()]
     assert squatter.port not in ready_ports and ready_ports == [worker.port]
     assert any("another process holds the port" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_vllm_worker_serves_on_a_private_socket_and_no_port(
+    supervise: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    """Finding 19: vLLM's key guards only /v1, /v2, /inference and /cohere, so on a loopback
+    port /invocations ran inference for any local user.
+
+    1. A vLLM worker gets no TCP port: its engine serves on state_dir/run/<id>.sock, in a
+    directory no other user may enter; 2. it is probed and its metrics scraped through the
+    socket; 3. after stop() the socket is gone.
+    """
+    supervisor = supervise([fake_slot("private")])
+    worker = supervisor.workers[0]
+    await supervisor.start()
+    await until(lambda: worker.is_ready, 10, "ready")
+    socket_path = tmp_path / "state" / "run" / "private-0.sock"
+    assert worker.port is None and worker.socket_path == str(socket_path)
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+    socket_path.chmod(0o777)  # as uvicorn's own --uds does: the directory alone must refuse
+    assert connect_as_nobody(socket_path) == "PermissionError"
+    (engine,) = engines_of("private")
+    assert not [c for c in engine.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    page = await EngineScraper(supervisor, CollectorRegistry()).scrape()
+    assert 'fake_engine_up{model="private",worker="private-0"} 1' in page
+    await supervisor.stop()
+    assert not socket_path.exists()
+
+
+async def test_an_engine_killed_leaves_its_socket_and_the_next_one_binds_anew(
+    supervise: Callable[..., Supervisor],
+) -> None:
+    """A killed engine leaves its socket file, on which the next one's bind would fail; the
+    worker removes it before each start."""
+    supervisor = supervise([fake_slot("killed")])
+    worker = supervisor.workers[0]
+    await supervisor.start()
+    await until(lambda: worker.is_ready, 10, "ready")
+    (engine,) = engines_of("killed")
+    engine.kill()
+    assert worker.socket_path and Path(worker.socket_path).exists()
+    await until(lambda: worker.restarts >= 1 and worker.is_ready, 15, "ready again")
+    assert [p.pid for p in engines_of("killed")] != [engine.pid]
+
+
+async def test_a_state_dir_too_deep_for_a_socket_path_uses_a_private_temporary_one(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """Socket paths hold 107 bytes: past that, the worker's socket goes to a directory of its
+    own from mkdtemp (0700), removed when the worker stops."""
+    state_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    supervisor = Supervisor([fake_slot("deep")], state_dir, client, timings=FAST)
+    worker = supervisor.workers[0]
+    try:
+        await supervisor.start()
+        await until(lambda: worker.is_ready, 10, "ready")
+        assert worker.socket_path is not None
+        socket_dir = Path(worker.socket_path).parent
+        assert socket_dir.name.startswith("enginegate-") and not socket_dir.is_relative_to(tmp_path)
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    finally:
+        await asyncio.wait_for(supervisor.stop(), timeout=15)
+    assert not socket_dir.exists()

@@ -296,7 +296,7 @@ def test_example_cpu_demo_loads_and_plans(tmp_path: Path) -> None:
     environ = {
         "ENGINEGATE_API_KEY": SECRET,
         "ENGINEGATE_ADMIN_KEY": "sk-admin-example",
-        "TINY_MODEL": "/models/tiny",
+        "SMOLLM2_MODEL": "/models/smollm2",
         "ENGINE_PYTHON": "/opt/engine/bin/python",
         "ENGINEGATE_STATE_DIR": str(tmp_path),
     }
@@ -305,13 +305,17 @@ def test_example_cpu_demo_loads_and_plans(tmp_path: Path) -> None:
     assert config.gateway.api_keys == [SECRET]
     assert config.gateway.port == 8000
     assert config.gateway.state_dir == tmp_path
-    (tiny,) = config.models
-    assert (tiny.name, tiny.backend, tiny.device) == ("tiny", "vllm", "cpu")
-    assert tiny.model == "/models/tiny"
-    assert tiny.command == ["/opt/engine/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    (smollm2,) = config.models
+    assert (smollm2.name, smollm2.backend, smollm2.device) == ("smollm2", "vllm", "cpu")
+    assert smollm2.model == "/models/smollm2"
+    assert smollm2.command == [
+        "/opt/engine/bin/python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]
 
     (slot,) = plan_workers(config, str(example), gpu_count=0, cpu_cores=[0, 1])
-    assert (slot.worker_id, slot.gpus, slot.cpu_ranks) == ("tiny-0", (), ("0-1",))
+    assert (slot.worker_id, slot.gpus, slot.cpu_ranks) == ("smollm2-0", (), ("0-1",))
 
 
 def test_env_may_not_set_the_worker_secret_or_its_devices(tmp_path):

@@ -108,12 +108,17 @@ MATRIX = {
 }
 
 
+def socket_of(engine: str, index: int = 0) -> str | None:
+    """The socket path an engine that listens on one is given (vLLM); None for the others."""
+    return f"/run/eg/m-{index}.sock" if ADAPTERS[engine].listens_on_socket else None
+
+
 def argvs(engine: str) -> list[list[str]]:
     adapter, out = ADAPTERS[engine], []
     for index, model in enumerate(MATRIX[engine]):
         (slot,) = plan([model], 8, [0, 1])
         side = tuple(29000 + n for n in range(adapter.side_ports(model)))
-        launch = adapter.launch(slot, 8000 + index, "key-Hq2", side)
+        launch = adapter.launch(slot, 8000 + index, "key-Hq2", side, socket_of(engine, index))
         out.append(launch.argv[PROGRAM_WORDS[engine] :])
     return out
 
@@ -173,7 +178,8 @@ def test_engine_parser_accepts_every_argv_of_the_matrix(engine: str) -> None:
             "qwen3",
             "deepseek_v3",
         ]
-        assert values[1]["served_model_name"] == ["m"] and values[1]["port"] == 8001
+        assert values[1]["served_model_name"] == ["m"] and values[1]["uds"] == "/run/eg/m-1.sock"
+        assert all(v["host"] is None for v in values)  # never a TCP listener (finding 19)
     elif engine == "sglang":
         assert [(v["tp_size"], v["pp_size"]) for v in values] == [(1, 1), (8, 1), (2, 2), (4, 1)]
         assert all(v["nccl_port"] == 29000 and v["enable_metrics"] for v in values)
@@ -201,7 +207,7 @@ def test_reasoning_spelling_per_engine(engine: str) -> None:
     (slot,) = plan([spec(engine, reasoning="deepseek_r1")], 8, [0, 1])
     adapter = ADAPTERS[engine]
     side = tuple(range(29000, 29000 + adapter.side_ports(slot.model)))
-    argv = adapter.launch(slot, 8000, "k", side).argv
+    argv = adapter.launch(slot, 8000, "k", side, socket_of(engine)).argv
     assert argv[argv.index("--reasoning-parser") + 1] == expected
     assert adapter.reasoning_parsers["deepseek_r1"] == expected
 
@@ -235,4 +241,4 @@ def test_think_tags_give_the_engine_no_parser(engine: str) -> None:
     (slot,) = plan([spec(engine, reasoning="think_tags")], 8, [0, 1])
     adapter = ADAPTERS[engine]
     side = tuple(range(29000, 29000 + adapter.side_ports(slot.model)))
-    assert "--reasoning-parser" not in adapter.launch(slot, 8000, "k", side).argv
+    assert "--reasoning-parser" not in adapter.launch(slot, 8000, "k", side, socket_of(engine)).argv

@@ -70,6 +70,14 @@ def test_columns_line_up() -> None:
     assert [row[end - 1] for row in rows] == ["0", "5"]
 
 
+def test_a_worker_on_a_unix_socket_shows_unix_for_its_port() -> None:
+    """vLLM workers listen on a Unix socket and no port (finding 19)."""
+    socket_worker = {**STATUS["workers"][0], "port": None, "socket": "/state/run/tiny-0.sock"}
+    lines = render({**STATUS, "workers": [socket_worker]}, "http://gw").splitlines()
+    (row,) = [line.split() for line in lines if line.startswith("tiny-0")]
+    assert row[5] == "unix"
+
+
 @pytest.mark.parametrize(
     ("host", "url"),
     [("127.0.0.1", "http://127.0.0.1:9000"), ("0.0.0.0", "http://127.0.0.1:9000"),

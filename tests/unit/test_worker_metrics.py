@@ -1,6 +1,8 @@
 """/metrics/workers: every ready engine's page, fetched with its key, relabelled and merged.
 
-The engines are httpx.MockTransport handlers answering with a page recorded from vLLM.
+The engines are httpx.MockTransport handlers answering with a page recorded from vLLM. They
+are TCP workers (SGLang's adapter), which the shared client reaches; a vLLM worker has a client
+of its own on its Unix socket (tests/integration/test_unix_socket.py scrapes one).
 """
 
 from collections.abc import AsyncIterator
@@ -21,17 +23,17 @@ VLLM_PAGE = (Path(__file__).parent / "data" / "vllm_cpu_0.32.0_metrics.txt").rea
 
 
 def supervisor(tmp_path: Path, client: httpx.AsyncClient) -> Supervisor:
-    """Four vLLM workers (a, b, c, d) and one external, with launches as run() would set them."""
-    spec = ModelSpec(name="tiny", backend="vllm", model="/m", device="cpu")
+    """Four TCP workers (a, b, c, d) and one external, with launches as run() would set them."""
+    spec = ModelSpec(name="tiny", backend="sglang", model="/m")
     slots = [Slot(f"tiny-{i}", spec, i) for i in range(4)]
     remote = ModelSpec(name="remote", backend="external", url="http://10.0.0.1:9/v1")
     slots.append(Slot("remote-0", remote, 0))
     sup = Supervisor(slots, tmp_path, client)
     for i, worker in enumerate(sup.workers):
         worker.state = WorkerState.READY
-        worker.launch = ADAPTERS[worker.slot.model.backend].launch(
-            worker.slot, 9000 + i, f"key-{i}"
-        )
+        adapter = ADAPTERS[worker.slot.model.backend]
+        side = (29000 + i,) * adapter.side_ports(worker.slot.model)
+        worker.launch = adapter.launch(worker.slot, 9000 + i, f"key-{i}", side)
     return sup
 
 
@@ -59,7 +61,7 @@ async def test_ready_engines_are_merged_failing_ones_counted(tmp_path, client, s
     sup = supervisor(tmp_path, client)
     sup.workers[3].state = WorkerState.RESTARTING  # not ready: not asked
     registry = CollectorRegistry()
-    scraper = EngineScraper(sup, client, registry, timeout=1)
+    scraper = EngineScraper(sup, registry, timeout=1)
 
     page = await scraper.scrape()
 
@@ -87,7 +89,7 @@ async def test_no_ready_engine_is_an_empty_page(tmp_path, client, seen) -> None:
     sup = supervisor(tmp_path, client)
     for worker in sup.workers:
         worker.state = WorkerState.STARTING
-    assert await EngineScraper(sup, client, CollectorRegistry()).scrape() == ""
+    assert await EngineScraper(sup, CollectorRegistry()).scrape() == ""
     assert seen == []
 
 
