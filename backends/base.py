@@ -45,6 +45,9 @@ class Launch:
     # The Unix socket the engine serves HTTP on; the URLs above then say only the path (their
     # host means nothing). None: TCP, to the URLs' host and port.
     socket_path: str | None = None
+    # The least time one probe may take: an engine whose health URL runs a generation needs
+    # longer than the supervisor's default. None: the supervisor's.
+    health_timeout: float | None = None
 
     @property
     def has_process(self) -> bool:
@@ -57,6 +60,12 @@ class Adapter(Protocol):
     @property
     def has_process(self) -> bool:
         """False for a server someone else runs: no process, port, devices or metrics."""
+        ...
+
+    @property
+    def releases(self) -> str:
+        """The engine releases whose flags, routes and probe this adapter was checked
+        against (`enginegate check` prints it)."""
         ...
 
     @property
@@ -122,6 +131,7 @@ def local_launch(
     health: str,
     metrics: str = "/metrics",
     socket_path: str | None = None,
+    health_timeout: float | None = None,
 ) -> Launch:
     """The Launch of an engine on this host: loopback URLs (or URLs through `socket_path`),
     the spec's env applied last."""
@@ -135,6 +145,7 @@ def local_launch(
         api_key=api_key,
         metrics_url=f"{base}{metrics}",
         socket_path=socket_path,
+        health_timeout=health_timeout,
     )
 
 

@@ -10,6 +10,7 @@ from backends.spec import ModelSpec
 
 class ExternalAdapter:
     has_process = False
+    releases = "any server that answers GET /v1/models with the OpenAI list"
     listens_on_socket = False
     devices = ("cuda", "cpu")  # `device:` means nothing here; the spec's default is accepted
     pipeline_parallel = False

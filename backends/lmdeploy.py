@@ -38,6 +38,7 @@ REASONING_PARSERS = {"deepseek_r1": "default", "deepseek_v3": "deepseek-v3", "qw
 
 class LmdeployAdapter:
     has_process = True
+    releases = "0.18 (PyTorch backend run on an H200; flags checked against its parser)"
     listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = False  # `serve api_server` has no pipeline-parallel flag

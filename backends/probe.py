@@ -2,7 +2,10 @@
 
 A probe asks the health URL (no key), then, for `full`, whether `/models` lists the served
 name (with the worker key). It never raises: a refused connection, a timeout or a body that is
-not what `/models` returns all mean "down".
+not what `/models` returns all mean "down", with the cause said. 401, 403 or 404 from the
+engine itself means "refused": a probe that can never pass. (SGLang 0.5.17 has no `/ready` and
+answered it 401 behind its key, through 75 minutes of restarts with nothing logged:
+../shared/reviews/gpu-sglang-2026-12.md.)
 
 Who answers matters. A port is free when the supervisor hands it out, but the engine binds it
 seconds (vLLM) or minutes (SGLang, after loading the model) later, and the port is in the
@@ -16,6 +19,7 @@ bind there first, and the supervisor removed any file left in it before the engi
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import httpx
@@ -25,11 +29,27 @@ from backends.base import Launch
 from backends.process import EngineProcess
 
 # "port taken": something answered on the port, and it is not the engine.
-Probe = Literal["ok", "down", "port taken"]
+# "refused": the engine answered 401, 403 or 404 where it should answer 200: a route it does not
+# serve or a key it does not take. Waiting does not change that, so a start ends at once.
+Verdict = Literal["ok", "down", "port taken", "refused"]
+_REFUSALS = frozenset({401, 403, 404})
 
 # Listening addresses that take connections to 127.0.0.1:port. Another user cannot hold
 # 127.0.0.1:port beside one of these: the second bind fails (SO_REUSEPORT needs the same uid).
 _TAKES_LOOPBACK = frozenset({"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"})
+
+
+@dataclass(frozen=True)
+class Probe:
+    verdict: Verdict
+    cause: str = ""  # why it is not "ok", for the log: the URL and what came back
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+
+OK = Probe("ok")
 
 
 async def probe(
@@ -42,27 +62,41 @@ async def probe(
 ) -> Probe:
     """One probe of a worker; `engine` and `port` are None for a server someone else runs,
     `port` alone for an engine on a Unix socket (`client` goes through it)."""
+    url = launch.health_url or f"{launch.base_url}/models"
     try:
         health = None
         if launch.health_url:
-            health = await client.get(launch.health_url, timeout=timeout)
+            health = await client.get(url, timeout=timeout)
         if engine is not None and port is not None and not listens_on(engine.pids(), port):
-            # Someone answered (or, with no health URL, maybe nobody listens yet).
-            return "port taken" if health is not None else "down"
+            if health is None:  # with no health URL, maybe nobody listens yet
+                return Probe("down", f"nothing of the engine listens on 127.0.0.1:{port}")
+            return Probe("port taken", f"GET {url} was answered by a process not the engine's")
         if health is not None and health.status_code != 200:
-            return "down"
+            return _answered(url, health)
         if not full:
-            return "ok"
+            return OK
+        url = f"{launch.base_url}/models"
         headers = {"Authorization": f"Bearer {launch.api_key}"} if launch.api_key else {}
-        resp = await client.get(f"{launch.base_url}/models", headers=headers, timeout=timeout)
+        resp = await client.get(url, headers=headers, timeout=timeout)
         if resp.status_code != 200:
-            return "down"
+            return _answered(url, resp)
         if not launch.has_process:
-            return "ok"  # an external server may list many names or none
-        listed = resp.json()["data"]
-        return "ok" if any(m["id"] == launch.served_name for m in listed) else "down"
-    except Exception:
-        return "down"
+            return OK  # an external server may list many names or none
+        listed = [m["id"] for m in resp.json()["data"]]
+        if launch.served_name in listed:
+            return OK
+        return Probe("down", f"GET {url} lists {listed}, not {launch.served_name!r}")
+    except httpx.TimeoutException:
+        return Probe("down", f"GET {url}: no answer within {timeout:g} s")
+    except httpx.TransportError as exc:
+        return Probe("down", f"GET {url}: {type(exc).__name__} {exc}".rstrip())
+    except Exception as exc:  # a body that is not what /models returns, ...
+        return Probe("down", f"GET {url}: {type(exc).__name__}: {exc}")
+
+
+def _answered(url: str, resp: httpx.Response) -> Probe:
+    verdict: Verdict = "refused" if resp.status_code in _REFUSALS else "down"
+    return Probe(verdict, f"GET {url} answered {resp.status_code} {resp.text[:200]!r}")
 
 
 def listens_on(pids: Iterable[int], port: int) -> bool:

@@ -1,6 +1,8 @@
-"""SGLang: `python -m sglang.launch_server` (0.5.23 still accepts it beside `sglang serve`).
+"""SGLang: `python -m sglang.launch_server` (0.5.17 and 0.5.23 accept it beside `sglang serve`).
 
-Facts relied on (../shared/ENGINES.md §2, read again in the 0.5.23 wheel):
+Releases: 0.5.17 (the last that fits torch 2.11, run on an H200 under the gateway) and 0.5.23
+(flags checked against its parser). Facts relied on (../shared/ENGINES.md §2, read again in
+both wheels):
 - Every flag is generated from `srt/arg_groups/fields/*.py`; the ones set here are checked
   against SGLang's own parser in tests/unit/test_sglang_adapter.py.
 - `--nccl-port` is the torch.distributed TCPStore port, bound by the scheduler even at TP=1.
@@ -11,9 +13,14 @@ Facts relied on (../shared/ENGINES.md §2, read again in the 0.5.23 wheel):
   YAML file is the one other way). It is per worker and random, and the engine binds 127.0.0.1.
   The key guards every route but `/health*` and `/metrics`, so unlike vLLM (backends/vllm.py)
   the engine can stay on a loopback port.
-- `/health` runs a one-token generation and takes at least a second (up to 20 s before it
-  gives up); `/ready` is cheap and answers 200 only once warm-up is done and until SIGTERM, so
-  the supervisor polls `/ready`. `/health`, `/ready` and `/metrics` skip the key.
+- The probe is `/health`: it answers 503 while starting (at once) and during shutdown, and
+  once up runs a one-token generation, 200 as soon as the scheduler answers anything (so under
+  load it costs nothing), 503 after SGLANG_HEALTH_CHECK_TIMEOUT (20 s) without an answer. That
+  generation is what tells a hung scheduler from a live one, so it stays on
+  (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 would make it a bare 200); the probe waits 25 s.
+  Its requests are not counted in SGLang's metrics (`log_metrics=False`). `/ready` exists only
+  from 0.5.2x on, and 0.5.17 answers it 401 behind the key (404 with it). `/health*` and
+  `/metrics*` skip the key in both.
 - `/metrics` exists only with `--enable-metrics`.
 """
 
@@ -27,8 +34,12 @@ DEFAULT_COMMAND = ("python3", "-m", "sglang.launch_server")
 REASONING_PARSERS = {"deepseek_r1": "deepseek-r1", "deepseek_v3": "deepseek-v3", "qwen3": "qwen3"}
 
 
+HEALTH_TIMEOUT = 25.0  # SGLANG_HEALTH_CHECK_TIMEOUT's 20 s, and room for the answer
+
+
 class SglangAdapter:
     has_process = True
+    releases = "0.5.17 (run on an H200) to 0.5.23 (flags checked against its parser)"
     listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = True
@@ -57,7 +68,9 @@ class SglangAdapter:
         argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         argv += engine_flags(spec.engine_args)
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot.gpus))}
-        return local_launch(argv, env, spec, port, api_key, "/ready")
+        return local_launch(
+            argv, env, spec, port, api_key, "/health", health_timeout=HEALTH_TIMEOUT
+        )
 
     def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
         """`--mem-fraction-static` of *total* holds weights and KV cache; the rest is kept for

@@ -51,6 +51,7 @@ Outcome = Literal[
     "exited",
     "timeout",
     "port taken",
+    "refused",
     "error",
     "unhealthy",
     "restart requested",
@@ -284,6 +285,12 @@ class Worker:
                 self.restarts += 1
                 await self._end_process(outcome)
                 continue  # at once: an operator's restart is not a failure, so no backoff
+            if outcome == "refused":
+                # A probe the engine can never pass: a wrong route or key. Starting again
+                # would only wait out another startup_timeout; an operator's restart retries.
+                await self._end_process(outcome)
+                self._set(WorkerState.FAILED)
+                return
             if self._stayed_up():
                 failures = 0  # a new crash, not a crash loop
             failures += 1
@@ -346,19 +353,28 @@ class Worker:
     async def _wait_ready(self) -> Outcome:
         assert self.started_at is not None
         deadline = self.started_at + self.slot.model.startup_timeout
+        said = ""  # the last cause logged: each new one once, not every poll
         while not self._stopping.is_set():
             if self.process and self.process.returncode is not None:
                 return "exited"
             if self.process and time.monotonic() > deadline:
+                log.warning("worker %s not ready in time; last probe: %s", self.id, said)
                 return "timeout"  # an external server has no deadline: it may come later
             if self._restart_requested.is_set():
                 return "restart requested"
             answer = await self._probe(full=True)
-            if answer == "ok":
+            if answer.ok:
                 return "ready"
-            if answer == "port taken":
+            if answer.verdict == "port taken":
                 self._port_taken()
                 return "port taken"
+            if answer.verdict == "refused" and self.process:
+                self._refused(answer.cause)
+                return "refused"
+            if answer.cause != said:
+                said = answer.cause
+                level = logging.ERROR if answer.verdict == "refused" else logging.INFO
+                log.log(level, "worker %s not ready: %s", self.id, said)
             await self._sleep(self._timings.startup_poll)
         return "stopping"
 
@@ -370,10 +386,10 @@ class Worker:
             if self._restart_requested.is_set():
                 return "restart requested"
             answer = await self._probe(full=self.process is None)
-            if answer == "port taken":
+            if answer.verdict == "port taken":
                 self._port_taken()
                 return "port taken"
-            if answer == "ok":
+            if answer.ok:
                 misses = 0
                 if self.state is WorkerState.UNHEALTHY:
                     self._set(WorkerState.READY)
@@ -381,7 +397,7 @@ class Worker:
                 # One slow probe is not a dead engine: a CPU engine busy generating can miss
                 # one. Out of rotation (and restarted, if we own it) only after several.
                 misses += 1
-                log.info("worker %s missed health check %d", self.id, misses)
+                log.info("worker %s missed health check %d: %s", self.id, misses, answer.cause)
                 if misses >= self._timings.unhealthy_after:
                     self._set(WorkerState.UNHEALTHY)
                     if self.process:
@@ -391,8 +407,18 @@ class Worker:
 
     async def _probe(self, full: bool) -> Probe:
         assert self.launch is not None
-        timeout = self._timings.health_timeout
+        timeout = max(self._timings.health_timeout, self.launch.health_timeout or 0)
         return await probe(self.client, self.launch, self.process, self.port, timeout, full)
+
+    def _refused(self, cause: str) -> None:
+        message = (
+            f"worker {self.id}: its engine refused the readiness probe ({cause}). That does "
+            "not pass by waiting: the engine release may not serve this route, or the key "
+            "does not reach it (see the adapter's supported releases). Not restarted; "
+            "POST /admin/workers/{id}/restart tries again."
+        ).replace("{id}", self.id)
+        log.error(message)
+        self.last_error = [message, *tail(self.log_path, LAST_ERROR_LINES - 1)]
 
     def _port_taken(self) -> None:
         message = (

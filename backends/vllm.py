@@ -23,6 +23,7 @@ REASONING_PARSERS = {"deepseek_r1": "deepseek_r1", "deepseek_v3": "deepseek_v3",
 
 class VllmAdapter:
     has_process = True
+    releases = "0.26 (GPU image, run on H100/H200) and 0.32 (CPU build, in every test run)"
     listens_on_socket = True
     devices = ("cuda", "cpu")
     pipeline_parallel = True

@@ -36,6 +36,17 @@ if [ ! -f "$target/.installed-$stamp" ]; then
   mkdir -p "$target"
   PIP_ROOT_USER_ACTION=ignore "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "$target" "$unpacked"/*.whl >&2
+  # Files prepare-wheels.sh carried compressed beside their wheel (PATH.zst, `/` written `%`),
+  # decompressed with the set's own zstandard module (the image has no zstd binary).
+  for zst in "$unpacked"/*.zst; do
+    inner=$(basename "${zst%.zst}")
+    PYTHONPATH=$target "$python" - "$zst" "$target/${inner//%//}" <<'EOF'
+import sys, zstandard
+
+with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
+    zstandard.ZstdDecompressor(max_window_size=2**31).copy_stream(src, dst)
+EOF
+  done
   rm -rf "$unpacked"
   touch "$target/.installed-$stamp"
   echo "install: $count wheels into $target in $(($(date +%s) - started)) s" >&2

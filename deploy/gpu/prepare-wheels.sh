@@ -7,6 +7,7 @@
 # ENGINE names a list deploy/gpu/wheels-ENGINE.txt (`name==version` lines) written for the GPU
 # image (torch 2.11.0+cu130, CUDA 13.0, Python 3.12): only what that image lacks. Each set also
 # gets enginegate's own needs (wheels-enginegate.txt) where the engine's list lacks them.
+# `models` is a set too: what deploy/real_model.py needs to build SmolLM2 there.
 # Wheels whose big optional kernels the tests do not need are repacked without them (below).
 #
 # Result, in WHEELS_DIR (default: wheels/gpu in the repo, ignored by git):
@@ -32,6 +33,13 @@ engines=("$@")
 declare -A DROP=(
   [vllm]="vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so"
   [lmdeploy]="lmdeploy/turbomind/_turbomind"
+)
+# Files taken out of a wheel but still needed: they travel beside the set, zstd-compressed
+# (`zstd -19 --long=27`, one-time cost of minutes here), and install-wheels.sh puts them back.
+#  - sglang_kernel: the FA3 kernels SGLang uses by default on Hopper (flash_ops.abi3.so,
+#    1.07 GB unpacked, 326 MiB in the wheel, 135 MiB compressed): 8 parts instead of 11.
+declare -A SQUEEZE=(
+  [sglang_kernel]="sgl_kernel/flash_ops.abi3.so"
 )
 
 # pip matches each manylinux tag exactly: name every glibc level the image (24.04, 2.39) runs.
@@ -118,8 +126,9 @@ for engine in "${engines[@]}"; do
     name=$(norm "${pin%%==*}")
     wheel=$(find_wheel "$pin")
     [ -n "$wheel" ] || { echo "prepare: $pin was not downloaded" >&2; exit 1; }
-    drop=${DROP[$name]:-}
-    if [ -n "$drop" ]; then
+    squeeze=${SQUEEZE[$name]:-}
+    drop="${DROP[$name]:-} $squeeze"
+    if [ -n "${drop// /}" ]; then
       repacked=$out/$engine/repacked/$(basename "$wheel")
       if [ ! -f "$repacked" ] || [ "$repacked" -ot "$wheel" ]; then
         mkdir -p "$(dirname "$repacked")"
@@ -130,6 +139,18 @@ for engine in "${engines[@]}"; do
       wheel=$repacked
     fi
     ln "$wheel" "$set_dir.new/" 2>/dev/null || cp "$wheel" "$set_dir.new/"
+    # Each squeezed file as PATH.zst with `/` written `%` (install-wheels.sh reverses it).
+    for inner in $squeeze; do
+      original=$(find_wheel "$pin")
+      zst=$out/$engine/squeezed/${inner//\//%}.zst
+      if [ ! -f "$zst" ] || [ "$zst" -ot "$original" ]; then
+        mkdir -p "$(dirname "$zst")"
+        echo "prepare: compressing $inner (zstd -19 --long=27; minutes)" >&2
+        unzip -p "$original" "$inner" | zstd -q -19 --long=27 -T0 -o "$zst.tmp"
+        mv "$zst.tmp" "$zst"
+      fi
+      ln "$zst" "$set_dir.new/" 2>/dev/null || cp "$zst" "$set_dir.new/"
+    done
   done
 
   # 3. Pack, unless the parts already hold exactly this set.

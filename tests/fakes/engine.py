@@ -12,6 +12,8 @@ them):
     FAKE_ENGINE_MODELS=JSON       answer /v1/models with this body instead of the served name
     FAKE_ENGINE_ENV_DUMP=PATH     write its environment to PATH (JSON) before binding
     FAKE_ENGINE_FAIL_UNLESS=PATH  exit 3 at once unless PATH exists (a crash loop until fixed)
+    FAKE_ENGINE_HEALTH=STATUS     answer /health and /ready with STATUS (503: still starting;
+                                  401: SGLang 0.5.17's answer to /ready behind its key)
 
 Only the standard library, so it starts in a few tens of milliseconds.
 """
@@ -47,11 +49,12 @@ def main() -> None:
     listed = {"object": "list", "data": [{"id": args.served_model_name, "object": "model"}]}
     models = env.get("FAKE_ENGINE_MODELS", json.dumps(listed)).encode()
     key = env.get("VLLM_API_KEY") or args.api_key
+    health = int(env.get("FAKE_ENGINE_HEALTH", "200"))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path in ("/health", "/ready"):
-                self._answer(200, b"{}")
+                self._answer(health, b"{}")
             elif self.path == "/metrics":
                 self._answer(200, b"fake_engine_up 1\n", "text/plain; version=0.0.4")
             elif key and self.headers.get("Authorization") != f"Bearer {key}":

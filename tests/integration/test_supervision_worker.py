@@ -173,6 +173,59 @@ async def test_a_nonsense_models_answer_fails_the_start_but_not_the_worker(
     await until(lambda: not engines_of("nulldata"), 5, "its engine stopped")
 
 
+async def test_an_engine_refusing_the_probe_fails_at_once_saying_url_and_status(
+    supervise: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: SGLang 0.5.17 answered the probe 401 (it has no `/ready`) and the worker sat
+    `starting` for the whole startup_timeout, then restarted, for 75 minutes, logging nothing
+    but the engine's last line. 401, 403 and 404 do not pass by waiting.
+
+    1. Start an SGLang worker whose engine answers its health URL 401, with a 20 s timeout;
+    2. it is `failed` within seconds, not restarted, its engine ended; 3. the log and
+    `last_error` name the URL and the status; 4. an operator's restart tries again."""
+    slot = fake_tcp_slot("refuses", env={"FAKE_ENGINE_HEALTH": "401"})
+    supervisor = supervise([slot])
+    worker = supervisor.workers[0]
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="enginegate.supervisor"):
+        await supervisor.start()
+        await until(lambda: worker.state is WorkerState.FAILED, 10, "failed at once")
+    assert time.monotonic() - started < slot.model.startup_timeout / 2
+    assert worker.restarts == 0
+    await until(lambda: not engines_of("refuses"), 5, "its engine stopped")
+    said = [r for r in caplog.records if r.levelno == logging.ERROR and "refused" in r.message]
+    url = f"http://127.0.0.1:{worker.port}/health"
+    assert said and url in said[0].message and "401" in said[0].message
+    assert url in worker.last_error[0] and "401" in worker.last_error[0]
+    worker.restart()
+    await until(lambda: bool(engines_of("refuses")), 5, "started again on request")
+    await until(lambda: worker.state is WorkerState.FAILED, 10, "refused again")
+
+
+async def test_each_new_probe_failure_is_logged_once_with_its_cause(
+    supervise: Callable[..., Supervisor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: a probe that fails says why (the URL and what came back), once per new
+    cause rather than every poll, and the timeout names the last one.
+
+    1. Start a worker whose engine binds after 0.5 s and then answers 503 (starting) until a
+    1 s timeout; 2. the log says the connection failed, then the 503, each once; 3. the
+    timeout warning repeats the 503."""
+    timings = Timings(**{**vars(FAST), "max_failures": 1})
+    env = {"FAKE_ENGINE_BIND_DELAY": "0.5", "FAKE_ENGINE_HEALTH": "503"}
+    supervisor = supervise([fake_tcp_slot("slow", startup_timeout=1.5, env=env)], timings=timings)
+    worker = supervisor.workers[0]
+    with caplog.at_level(logging.INFO, logger="enginegate.supervisor"):
+        await supervisor.start()
+        await until(lambda: worker.state is WorkerState.FAILED, 10, "failed after the timeout")
+    not_ready = [r.message for r in caplog.records if "not ready:" in r.message]
+    assert any("ConnectError" in m for m in not_ready), not_ready
+    answered = [m for m in not_ready if "/health answered 503" in m]
+    assert len(answered) == 1, not_ready  # ~20 polls said the same: logged once
+    timeout = [r.message for r in caplog.records if "not ready in time" in r.message]
+    assert timeout and "answered 503" in timeout[0]
+
+
 async def test_restart_starts_a_worker_whose_task_ended(
     supervise: Callable[..., Supervisor],
 ) -> None:

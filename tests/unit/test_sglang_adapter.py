@@ -41,14 +41,16 @@ def head(tp: int = 1, pp: int = 1, nccl: int = NCCL) -> list[str]:
     ]  # fmt: skip
 
 
-def test_tp8_argv_env_and_ready_endpoint() -> None:
+def test_tp8_argv_env_and_health_endpoint() -> None:
     (slot,) = slots(sglang(tp=8))
     launch = SglangAdapter().launch(slot, PORT, KEY, (NCCL,))
     assert launch.argv == head(tp=8)
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
     assert launch.base_url == f"http://127.0.0.1:{PORT}/v1"
-    # /health would run a generation on every probe; /ready is the cheap readiness flag.
-    assert launch.health_url == f"http://127.0.0.1:{PORT}/ready"
+    # 0.5.17 has no /ready (401 behind the key); /health is in every release, and its
+    # one-token generation needs longer than the supervisor's default probe timeout.
+    assert launch.health_url == f"http://127.0.0.1:{PORT}/health"
+    assert launch.health_timeout is not None and launch.health_timeout > 20
     assert launch.metrics_url == f"http://127.0.0.1:{PORT}/metrics"
     assert (launch.served_name, launch.api_key) == ("r1", KEY)
     assert launch.remove_env == UNSAFE_ENV
