@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install an engine's wheel set (ENGINE: vllm, the
-# default, or lmdeploy; parts in PARTS_DIR, default /tmp/parts), run tests/gpu with it (the
-# other engine's tests skip), and leave what the run measured in OUT.
+# default, sglang or lmdeploy; parts in PARTS_DIR, default /tmp/parts), run tests/gpu with it
+# (tests of the other engines skip; tests/gpu/test_engines_gpu.py runs for ENGINE), and leave
+# what the run measured in OUT.
 #
-#   OUT=/some/folder [ENGINE=lmdeploy] bash deploy/gpu/run-gpu-tests.sh [PYTEST ARGS...]
+#   OUT=/some/folder [ENGINE=sglang] bash deploy/gpu/run-gpu-tests.sh [PYTEST ARGS...]
 #
 # OUT gets env.txt (versions, GPUs), results.json (the figures), nvidia-smi.txt (snapshots
 # along the run) and logs.tgz (every gateway's config and log, every worker's log).
@@ -33,7 +34,8 @@ echo "run: wheels ready after $(($(date +%s) - started)) s"
   python3 - <<'EOF'
 import importlib.metadata as md, sys
 print("python", sys.version.split()[0], sys.executable)
-for name in ("torch", "vllm", "lmdeploy", "transformers", "tokenizers", "triton", "nvidia-ml-py",
+for name in ("torch", "vllm", "sglang", "sglang-kernel", "flashinfer-python", "lmdeploy",
+             "transformers", "tokenizers", "triton", "nvidia-ml-py",
              "pytest", "pytest-asyncio", "fastapi", "uvicorn", "pydantic", "openai", "httpx"):
     try:
         print(name, md.version(name))
@@ -45,7 +47,7 @@ EOF
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-export ENGINEGATE_GPU_RESULTS=$out ENGINEGATE_GPU_WORKDIR=$work
+export ENGINEGATE_GPU_RESULTS=$out ENGINEGATE_GPU_WORKDIR=$work ENGINEGATE_GPU_ENGINE=$engine
 export ENGINEGATE_GPU_MODEL=${ENGINEGATE_GPU_MODEL:-$work/tiny-qwen2}
 left=$((${GPU_TEST_DEADLINE:-540} - ($(date +%s) - started)))
 # shellcheck disable=SC2086 # GPU_TESTS may name several paths

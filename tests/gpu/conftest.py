@@ -1,4 +1,4 @@
-"""The GPU tier: the real gateway with real vLLM engines on NVIDIA GPUs.
+"""The GPU tier: the real gateway with real vLLM, SGLang and LMDeploy engines on NVIDIA GPUs.
 
 Runs only where NVML sees an NVIDIA GPU and vLLM imports; elsewhere every test is skipped with
 the reason. The GPU machines have no network, so the engine comes as wheels

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.gateway_process import READY_TIMEOUT, STOP_GRACE, GatewayProcess
+from fakes.gateway_process import READY_TIMEOUT, STOP_GRACE, GatewayProcess, flag
 
 API_KEY = f"sk-gpu-{secrets.token_hex(8)}"
 GIB = 1024**3
@@ -218,6 +218,21 @@ class Gateway(GatewayProcess):
         self.plan: subprocess.CompletedProcess[str] | None = None
 
 
+def direct_client(gw: Gateway, model: str) -> Any:
+    """An OpenAI SDK client straight to `model`'s engine with the engine's own key: vLLM on its
+    Unix socket (the key in VLLM_API_KEY), SGLang and LMDeploy on their loopback ports."""
+    engine = gw.engine_of(model)
+    argv = engine.cmdline()
+    socket = flag(argv, "--uds")
+    if socket:
+        key = engine.environ().get("VLLM_API_KEY")
+        return gw.client(base_url="http://localhost/v1", api_key=key, socket=socket)
+    port = flag(argv, "--port") or flag(argv, "--server-port")
+    key = flag(argv, "--api-key") or flag(argv, "--api-keys")
+    assert port and key, f"no port or key on the engine's argv: {argv}"
+    return gw.client(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+
+
 def vllm_log_figures(log: str) -> dict[str, Any]:
     """What vLLM says about its memory in a worker log (the last start's lines win)."""
     patterns = {
@@ -263,14 +278,17 @@ def timed_stream(sdk: Any, model: str, max_tokens: int) -> dict[str, float]:
     )
     with stream:
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
+            # With a reasoning parser a random model's whole answer is reasoning.
+            delta = chunk.choices[0].delta if chunk.choices else None
+            piece = delta and (delta.content or reasoning_of(delta)[1])
+            if piece:
                 first = first or time.perf_counter()
-                text.append(chunk.choices[0].delta.content)
+                text.append(piece)
             if chunk.usage:
                 usage = chunk.usage
     ended = time.perf_counter()
     assert usage is not None, "no usage chunk although stream_options.include_usage was set"
-    assert first is not None, "no content in the stream"
+    assert first is not None, "no content or reasoning in the stream"
     tokens = usage.completion_tokens
     return {
         "ttft_ms": (first - started) * 1000,
@@ -278,6 +296,12 @@ def timed_stream(sdk: Any, model: str, max_tokens: int) -> dict[str, float]:
         "completion_tokens": tokens,
         "decode_tokens_per_s": (tokens - 1) / (ended - first) if ended > first else 0.0,
     }
+
+
+def reasoning_of(part: Any) -> tuple[str | None, str | None]:
+    """(reasoning_content, reasoning) of an SDK message or delta: extras to the SDK's models."""
+    extra = getattr(part, "model_extra", None) or {}
+    return extra.get("reasoning_content"), extra.get("reasoning")
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
