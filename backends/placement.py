@@ -35,7 +35,8 @@ def _file_name(name: str) -> str:
 
 MULTI_HOST = (
     "{nodes} hosts: enginegate starts engines on this host only; `enginegate render k8s` "
-    "writes this model as a LeaderWorkerSet (serve does not start multi-node engines yet)"
+    "writes this model as a LeaderWorkerSet, and `enginegate plan` with `cluster: {{ray: ...}}` "
+    "places it on a Ray cluster (serve does not start multi-node engines yet)"
 )
 
 
