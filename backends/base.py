@@ -109,9 +109,13 @@ class Adapter(Protocol):
         api_key: str,
         side_ports: tuple[int, ...] = (),
         socket_path: str | None = None,
+        host: str | None = None,
     ) -> Launch:
         """`port` for an engine on TCP, `socket_path` for one that `listens_on_socket` (which
-        raises ValueError without it); each ignores the other."""
+        raises ValueError without it, unless `host` is given); each ignores the other.
+
+        `host`: bind that address and `port` instead of loopback or the socket, for an engine
+        that the gateway reaches over a network (a Kubernetes pod); None: this host only."""
         ...
 
     def memory_budget(
@@ -132,10 +136,11 @@ def local_launch(
     metrics: str = "/metrics",
     socket_path: str | None = None,
     health_timeout: float | None = None,
+    host: str | None = None,
 ) -> Launch:
-    """The Launch of an engine on this host: loopback URLs (or URLs through `socket_path`),
+    """The Launch of an engine: loopback URLs (or URLs through `socket_path`, or to `host`),
     the spec's env applied last."""
-    base = "http://localhost" if socket_path else f"http://127.0.0.1:{port}"
+    base = "http://localhost" if socket_path else f"http://{host or '127.0.0.1'}:{port}"
     return Launch(
         argv=argv,
         env={**env, **spec.env},

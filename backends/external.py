@@ -27,6 +27,7 @@ class ExternalAdapter:
         api_key: str,
         side_ports: tuple[int, ...] = (),
         socket_path: str | None = None,
+        host: str | None = None,
     ) -> Launch:
         spec = slot.model
         return Launch(

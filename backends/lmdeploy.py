@@ -55,13 +55,15 @@ class LmdeployAdapter:
         api_key: str,
         side_ports: tuple[int, ...] = (),
         socket_path: str | None = None,
+        host: str | None = None,
     ) -> Launch:
         spec = slot.model
         if len(side_ports) != self.side_ports(spec):
             raise ValueError(f"lmdeploy needs {self.side_ports(spec)} side ports, got {side_ports}")
         argv = [*(spec.command or DEFAULT_COMMAND), str(spec.model)]
         argv += ["--model-name", spec.name]
-        argv += ["--server-name", "127.0.0.1", "--server-port", str(port), "--api-keys", api_key]
+        argv += ["--server-name", host or "127.0.0.1", "--server-port", str(port)]
+        argv += ["--api-keys", api_key]
         argv += ["--tp", str(spec.tp)]
         if spec.lmdeploy_backend:
             argv += ["--backend", spec.lmdeploy_backend]
@@ -72,7 +74,7 @@ class LmdeployAdapter:
             env["LMDEPLOY_EXECUTOR_BACKEND"] = "mp"
             env["MASTER_ADDR"] = "127.0.0.1"
             env["MASTER_PORT"] = str(side_ports[0])
-        return local_launch(argv, env, spec, port, api_key, "/health")
+        return local_launch(argv, env, spec, port, api_key, "/health", host=host)
 
     def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
         """`--cache-max-entry-count` of the memory *free after the weights* is the KV cache."""

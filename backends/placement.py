@@ -33,6 +33,13 @@ def _file_name(name: str) -> str:
     return _NOT_IN_FILE_NAMES.sub("_", name.replace("/", "--"))
 
 
+MULTI_HOST = (
+    "{nodes} hosts: enginegate starts engines on this host only; `enginegate render k8s` "
+    "writes this model as a LeaderWorkerSet, and `enginegate plan` with `cluster: {{ray: ...}}` "
+    "places it on a Ray cluster (serve does not start multi-node engines yet)"
+)
+
+
 class PlacementError(ValueError):
     """A plan that cannot be carried out; `path` names the config key at fault."""
 
@@ -44,7 +51,8 @@ class PlacementError(ValueError):
 
 def plan(models: list[ModelSpec], gpu_count: int, cpu_cores: list[int]) -> list[Slot]:
     """One Slot per replica of every model, in config order."""
-    _check_names(models)
+    check_names(models)
+    _refuse_multi_node(models)
     used = _explicit_gpus(models, gpu_count)
     free = [gpu for gpu in range(gpu_count) if gpu not in used]
     cpu_ranks = _cpu_ranks(models, cpu_cores)
@@ -63,7 +71,13 @@ def plan(models: list[ModelSpec], gpu_count: int, cpu_cores: list[int]) -> list[
     return slots
 
 
-def _check_names(models: list[ModelSpec]) -> None:
+def _refuse_multi_node(models: list[ModelSpec]) -> None:
+    for index, spec in enumerate(models):
+        if spec.nodes > 1:
+            raise PlacementError(f"models[{index}].nodes", MULTI_HOST.format(nodes=spec.nodes))
+
+
+def check_names(models: list[ModelSpec]) -> None:
     """Names and aliases together: each one names a single model."""
     seen: dict[str, str] = {}
     for index, spec in enumerate(models):

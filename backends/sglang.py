@@ -56,20 +56,21 @@ class SglangAdapter:
         api_key: str,
         side_ports: tuple[int, ...] = (),
         socket_path: str | None = None,
+        host: str | None = None,
     ) -> Launch:
         spec = slot.model
         if len(side_ports) != self.side_ports(spec):
             raise ValueError(f"sglang needs {self.side_ports(spec)} side port, got {side_ports}")
         argv = [*(spec.command or DEFAULT_COMMAND)]
         argv += ["--model-path", str(spec.model), "--served-model-name", spec.name]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--api-key", api_key]
+        argv += ["--host", host or "127.0.0.1", "--port", str(port), "--api-key", api_key]
         argv += ["--tp-size", str(spec.tp), "--pp-size", str(spec.pp)]
         argv += ["--nccl-port", str(side_ports[0]), "--enable-metrics"]
         argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         argv += engine_flags(spec.engine_args)
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot.gpus))}
         return local_launch(
-            argv, env, spec, port, api_key, "/health", health_timeout=HEALTH_TIMEOUT
+            argv, env, spec, port, api_key, "/health", health_timeout=HEALTH_TIMEOUT, host=host
         )
 
     def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:

@@ -50,10 +50,15 @@ MOVED_ARGS = {
     "backend": "use `lmdeploy_backend:`",
     **dict.fromkeys(
         ("nnodes", "node-rank", "dist-init-addr", "nccl-init-addr", "master-addr", "master-port"),
-        "multi-node is not supported yet",
+        "multi-node is not supported yet as an engine flag; use the model's `nodes:` key",
     ),
 }
-MULTI_NODE = "multi-node is not supported yet; enginegate runs every engine on this host"
+MULTI_NODE = (
+    "multi-node is not supported yet as this key; use `nodes: N` (the number of hosts), which "
+    "`enginegate render k8s` writes as a LeaderWorkerSet"
+)
+# Engines whose own multi-node launch enginegate knows (backends/multinode.py).
+MULTI_NODE_BACKENDS = ("vllm", "sglang")
 
 
 class ModelSpec(BaseModel):
@@ -78,6 +83,9 @@ class ModelSpec(BaseModel):
     )
     config_json: str | None = Field(
         None, description="the model's config.json, for `enginegate plan` when model is a hub id"
+    )
+    nodes: int = Field(
+        1, ge=1, description="hosts one replica spans; tp*pp GPUs are split evenly over them"
     )
     # accepted so that a multi-node config fails with a clear message, not "unknown key"
     nnodes: int = Field(1, ge=1)
@@ -175,6 +183,31 @@ class ModelSpec(BaseModel):
         if value != default:
             raise ValueError(MULTI_NODE)
         return value
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Devices one replica holds on each of its hosts."""
+        return self.ranks // self.nodes
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "ModelSpec":
+        if self.nodes == 1:
+            return self
+        if self.backend not in MULTI_NODE_BACKENDS:
+            raise ValueError(
+                f"nodes: {self.nodes}: backend {self.backend!r} has no multi-node launch here; "
+                f"supported: {', '.join(MULTI_NODE_BACKENDS)}"
+            )
+        if self.device != "cuda":
+            raise ValueError(f"nodes: {self.nodes}: multi-node models run on GPUs (device: cuda)")
+        if self.ranks % self.nodes:
+            raise ValueError(
+                f"nodes: {self.nodes} does not divide tp*pp = {self.ranks}: every host holds "
+                "the same number of GPUs"
+            )
+        if self.gpus is not None:
+            raise ValueError("gpus: lists one host's GPUs; a multi-node model gets them per host")
+        return self
 
     @model_validator(mode="after")
     def _check_backend_fields(self) -> "ModelSpec":

@@ -40,13 +40,17 @@ class VllmAdapter:
         api_key: str,
         side_ports: tuple[int, ...] = (),
         socket_path: str | None = None,
+        host: str | None = None,
     ) -> Launch:
-        if not socket_path:
+        if not socket_path and not host:
             raise ValueError("vllm serves on a Unix socket: launch needs socket_path")
         spec = slot.model
         argv = [*(spec.command or DEFAULT_COMMAND)]
         argv += ["--model", str(spec.model), "--served-model-name", spec.name]
-        argv += ["--uds", socket_path]
+        if socket_path:
+            argv += ["--uds", socket_path]
+        else:
+            argv += ["--host", str(host), "--port", str(port)]
         argv += ["--tensor-parallel-size", str(spec.tp), "--pipeline-parallel-size", str(spec.pp)]
         argv += parser_flag(spec.reasoning, self.reasoning_parsers)
         args = dict(spec.engine_args)
@@ -61,7 +65,9 @@ class VllmAdapter:
             env["VLLM_CPU_KVCACHE_SPACE"] = _gib(spec.kv_cache_gib)
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
-        return local_launch(argv, env, spec, 0, api_key, "/health", socket_path=socket_path)
+        return local_launch(
+            argv, env, spec, port, api_key, "/health", socket_path=socket_path, host=host
+        )
 
     def memory_budget(self, need: Estimate, total: int, free: int, spec: ModelSpec) -> Budget:
         """`--gpu-memory-utilization` of *total* memory holds weights, activations and the KV

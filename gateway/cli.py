@@ -1,4 +1,4 @@
-"""enginegate serve | check | plan | status | --version. Thin: parse, load config, call."""
+"""enginegate serve | check | plan | status | render | --version. Thin: parse, load config, call."""
 
 import argparse
 import asyncio
@@ -20,7 +20,7 @@ from backends.ports import PortAllocator
 from backends.sockets import WorkerSocket
 from backends.statedir import StateDirError, claim
 from backends.supervisor import Supervisor, Timings
-from gateway import __version__, plan, status
+from gateway import __version__, plan, render, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
 from gateway.connections import connection_cap, guarded_protocol, raise_fd_limit
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         plan.add_selection(sub)
     plan.add_arguments(commands.add_parser("plan", help="GPUs per replica and whether it fits"))
     status.add_arguments(commands.add_parser("status", help="a running gateway's workers"))
+    render.add_arguments(commands.add_parser("render", help="the config as Kubernetes manifests"))
     args = parser.parse_args(argv)
+    if args.command == "render":
+        sys.exit(render.run(args))
     if args.command == "status":
         sys.exit(status.run(args))
     if args.command == "plan":

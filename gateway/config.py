@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from backends.base import Slot
+from backends.cluster import ClusterSpec
 from backends.placement import PlacementError, available_cores, count_gpus, plan
 from backends.spec import ModelSpec
 
@@ -101,6 +102,7 @@ class Config(BaseModel):
 
     gateway: GatewayConfig
     models: list[ModelSpec] = Field(min_length=1)
+    cluster: ClusterSpec | None = Field(None, description="a Ray cluster: `enginegate plan` only")
     # Environment variables the file read secrets from: engines are started without them.
     _secret_env: frozenset[str] = PrivateAttr(default=frozenset())
 

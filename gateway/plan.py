@@ -18,7 +18,13 @@ from backends.base import Slot
 from backends.fit import Fit, check
 from backends.gpus import Inventory, inventory_from_json, read_inventory
 from backends.memory import format_gib
+from gateway import cluster_plan
 from gateway.config import Config, ConfigError, load_config, plan_workers
+
+NO_CLUSTER_SERVE = (
+    "cluster.ray: serve and check do not start workers on a Ray cluster yet; "
+    "`enginegate plan` shows where each rank would run"
+)
 
 
 def add_selection(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +75,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     """Load, select, place and size; ConfigError names the file and key at fault."""
     file = args.config
     config, positions = select(load_config(file), args.only or [], file)
+    if config.cluster is not None:
+        raise ConfigError(file, [NO_CLUSTER_SERVE])
     inventory = _inventory(config, args.inventory, file)
     try:
         slots = plan_workers(config, file, gpu_count=len(inventory.gpus))
@@ -101,6 +109,9 @@ def _gpu_shortage(config: Config, inventory: Inventory) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """The `plan` command: print the plan; 1 when it cannot be carried out."""
     try:
+        config, positions = select(load_config(args.config), args.only or [], args.config)
+        if config.cluster is not None:
+            return cluster_plan.run(args, config, positions)
         plan = prepare(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,9 +4,9 @@
     python tests/fakes/engine.py --port N --api-key KEY --served-model-name NAME [SGLang's]
 
 It serves GET /health, /ready, /metrics and /v1/models on the Unix socket PATH (as vLLM does,
-given --uds) or on 127.0.0.1:N (as SGLang does); /v1/* needs `Authorization: Bearer KEY` when
-$VLLM_API_KEY or --api-key sets one. Switches, from its environment (a model's `env:` sets
-them):
+given --uds) or on 127.0.0.1:N (as SGLang does; --host HOST for another address); /v1/* needs
+`Authorization: Bearer KEY` when $VLLM_API_KEY or --api-key sets one. Switches, from its
+environment (a model's `env:` sets them):
 
     FAKE_ENGINE_BIND_DELAY=S      sleep S seconds before binding (an engine loading a model)
     FAKE_ENGINE_MODELS=JSON       answer /v1/models with this body instead of the served name
@@ -38,6 +38,7 @@ def main() -> None:
     where.add_argument("--port", type=int)
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--api-key")
+    parser.add_argument("--host", default="127.0.0.1")
     args, _ = parser.parse_known_args()
     env = os.environ
     if "FAKE_ENGINE_FAIL_UNLESS" in env and not os.path.exists(env["FAKE_ENGINE_FAIL_UNLESS"]):
@@ -79,8 +80,8 @@ def main() -> None:
         server = UnixHTTPServer(args.uds, Handler)
         where = args.uds
     else:
-        server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-        where = f"127.0.0.1:{args.port}"
+        server = ThreadingHTTPServer((args.host, args.port), Handler)
+        where = f"{args.host}:{args.port}"
     print(f"fake engine {args.served_model_name} on {where}", flush=True)
     server.serve_forever()
 
