@@ -41,7 +41,9 @@ INVENTORY = "deploy/examples/inventory-8xh200.json"
 pytestmark = pytest.mark.e2e
 
 
-def cpu_worker(engine: Engine, name: str, model: str, tp: int, **extra: object) -> dict:
+def cpu_worker(
+    engine: Engine, name: str, model: str, tp: int, dtype: str = "auto", **extra: object
+) -> dict:
     return {
         "name": name,
         "backend": "vllm",
@@ -49,7 +51,7 @@ def cpu_worker(engine: Engine, name: str, model: str, tp: int, **extra: object) 
         "device": "cpu",
         "tp": tp,
         "command": [engine.python, "-m", "vllm.entrypoints.openai.api_server"],
-        "engine_args": {"max-model-len": 1024, "enforce-eager": True},
+        "engine_args": {"max-model-len": 1024, "enforce-eager": True, "dtype": dtype},
         "startup_timeout": READY_TIMEOUT,
         **extra,
     }
@@ -62,7 +64,9 @@ def gw(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
     gateway = GatewayProcess(
         tmp_path_factory.mktemp("real-model"),
         [
-            cpu_worker(engine, SMOLLM2, engine.smollm2_model, tp=1),
+            # float32: in bfloat16 the greedy answer depends on the CPU (AMX or AVX-512 BF16
+            # units round differently; on one such machine "Paris" became "L'Étoile, ...").
+            cpu_worker(engine, SMOLLM2, engine.smollm2_model, tp=1, dtype="float32"),
             cpu_worker(engine, DEEPSEEK, engine.ds_model, tp=2, reasoning="deepseek_r1"),
         ],
     )
