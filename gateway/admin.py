@@ -26,12 +26,13 @@ from gateway.errors import Forbidden, NotFound, Unauthorized
 from gateway.gpu_metrics import GpuCollector
 from gateway.metrics import Metrics
 from gateway.state import Gateway
+from gateway.tenancy import Tenancy
 
 MAX_LOG_LINES = 5000
 
 
 class AdminAuth:
-    def __init__(self, admin_keys: list[str], api_keys: KeyRing) -> None:
+    def __init__(self, admin_keys: list[str], api_keys: Tenancy) -> None:
         self.admin_keys = KeyRing(admin_keys)
         self.api_keys = api_keys
         self.is_open = self.admin_keys.is_open and api_keys.is_open
@@ -74,6 +75,7 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
             "workers": [describe(w.view()) for w in supervisor.workers],
             "gpus": [vars(gpu) for gpu in gpus.read()],
             "totals": totals(gateway.metrics),
+            "tenancy": gateway.keys.status(),
         }
 
     @router.get("/workers")

@@ -33,12 +33,14 @@ from gateway.errors import (
     error_body,
     from_upstream,
 )
+from gateway.keys import KeyRecord
 from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.request import dumps, parse, read_body
 from gateway.routing import RoutingPolicy
 from gateway.sse import complete_history, rewrite_json
+from gateway.tenancy import Grant, Tenancy
 from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
@@ -60,13 +62,14 @@ class Proxy:
     send_timeout: float = 60  # seconds one send to a client that does not read may wait
     is_draining: bool = False  # set on SIGTERM: new requests get 503, in-flight ones finish
     aliases: dict[str, str] = field(default_factory=dict)  # alias → the model it names
+    tenancy: Tenancy | None = None  # per-key allow-lists, limits and usage; None: none
 
     @property
     def pending(self) -> int:
         """Requests admitted or waiting, over every model."""
         return sum(a.in_flight + a.queued for a in self.admissions.values())
 
-    async def serve(self, request: Request, send: Send, path: str, principal: str) -> None:
+    async def serve(self, request: Request, send: Send, path: str, key: KeyRecord) -> None:
         """Answer an OpenAI request by POSTing its body to `path` under a replica's /v1.
 
         Raises GatewayError only before admission, when nothing has been sent; from admission
@@ -83,12 +86,19 @@ class Proxy:
         workers = self.supervisor.by_model(name)
         if not workers:
             names = {w.model_name for w in self.supervisor.workers} | self.aliases.keys()
-            available = ", ".join(sorted(names))
+            available = ", ".join(sorted(n for n in names if key.allows(n)))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
+        grant = self._admit_key(key, model, name, body, len(raw))
         if complete_history(body):
             raw = dumps(body)
-        call = Call(self.metrics, self.admissions[name], name, principal, raw, body)
-        await call.admit()
+        call = Call(self.metrics, self.admissions[name], name, key.name, raw, body)
+        try:
+            await call.admit()
+        except GatewayError:
+            if grant is not None:
+                grant.cancel()
+            raise
+        call.grant = grant
         with call:
             call.watch(request.receive)  # the body is read: what comes next can only be goodbye
             try:
@@ -97,6 +107,18 @@ class Proxy:
                 call.status = exc.status
                 response = exc.response()
             await response(request.scope, request.receive, send)
+
+    def _admit_key(
+        self, key: KeyRecord, asked: str, name: str, body: dict[str, Any], size: int
+    ) -> Grant | None:
+        """The key's allow-list and limits (tenancy.py); refusals are counted here."""
+        if self.tenancy is None:
+            return None
+        try:
+            return self.tenancy.admit(key, asked, name, body, size)
+        except GatewayError as exc:
+            self.metrics.child(self.metrics.requests, name, str(exc.status), key.name).inc()
+            raise
 
     async def _answer(
         self, call: Call, request: Request, workers: list[Worker], path: str
