@@ -50,6 +50,10 @@ def create_app(
     store = store or Store(g.database, g.state_dir)
     is_open = g.allow_unauthenticated and not g.api_keys
     tenancy = proxy.tenancy = Tenancy(config_keys(g), store, is_open)
+    proxy.is_fair = g.queueing == "fair"
+    proxy.priority_models = frozenset(
+        m.name for m in config.models if m.engine_args.get("scheduling-policy") == "priority"
+    )
     gateway = Gateway(config, supervisor, tenancy, metrics, proxy)
 
     @asynccontextmanager

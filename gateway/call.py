@@ -66,13 +66,14 @@ class Call:
         """The engine has no reasoning parser for this model: the gateway splits the text."""
         return self.worker is not None and is_split_by_gateway(self.worker.slot.model.reasoning)
 
-    async def admit(self) -> None:
-        """Take an admission slot (or wait for one); enter `with call:` right after."""
+    async def admit(self, key: str = "", weight: float = 1.0) -> None:
+        """Take an admission slot (or wait for one, as `key` with `weight`: fair.py); enter
+        `with call:` right after."""
         m = self.metrics
         queued = m.child(m.queued, self.model)
         queued.inc()
         try:
-            await self.admission.enter()
+            await self.admission.enter(key, weight)
         except GatewayError as exc:
             m.child(m.requests, self.model, str(exc.status), self.principal).inc()
             raise

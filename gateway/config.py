@@ -89,6 +89,9 @@ class GatewayConfig(BaseModel):
         default_factory=list,
         description="Bearer tokens for /v1/*: strings, or mappings with a name",
     )
+    queueing: Literal["fair", "fifo"] = Field(
+        "fair", description="a saturated model's line: weighted fair across keys, or FIFO"
+    )
     database: str = Field(
         "sqlite", description="where keys and usage live: sqlite (state_dir) or postgresql://..."
     )

@@ -33,6 +33,7 @@ from gateway.errors import (
     error_body,
     from_upstream,
 )
+from gateway.fair import WEIGHTS
 from gateway.keys import KeyRecord
 from gateway.limits import Admission
 from gateway.metrics import Metrics
@@ -45,6 +46,8 @@ from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
 
+# vLLM serves a lower `priority` first; requests without one count as 0.
+ENGINE_PRIORITY = {"high": -1, "normal": 0, "low": 1}
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
 MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a whole (non-stream) answer; larger ones are a 502
@@ -63,6 +66,10 @@ class Proxy:
     is_draining: bool = False  # set on SIGTERM: new requests get 503, in-flight ones finish
     aliases: dict[str, str] = field(default_factory=dict)  # alias → the model it names
     tenancy: Tenancy | None = None  # per-key allow-lists, limits and usage; None: none
+    is_fair: bool = True  # a saturated model's line: weighted fair across keys, or FIFO
+    # Models whose engine schedules by the request's `priority` (vLLM's
+    # --scheduling-policy priority): it is set from the key's priority class.
+    priority_models: frozenset[str] = frozenset()
 
     @property
     def pending(self) -> int:
@@ -89,11 +96,16 @@ class Proxy:
             available = ", ".join(sorted(n for n in names if key.allows(n)))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
         grant = self._admit_key(key, model, name, body, len(raw))
-        if complete_history(body):
+        if name in self.priority_models:
+            body["priority"] = ENGINE_PRIORITY[key.priority]  # the key's, never the client's
+        if complete_history(body) or name in self.priority_models:
             raw = dumps(body)
         call = Call(self.metrics, self.admissions[name], name, key.name, raw, body)
         try:
-            await call.admit()
+            if self.is_fair:
+                await call.admit(key.name, WEIGHTS[key.priority])
+            else:
+                await call.admit()
         except GatewayError:
             if grant is not None:
                 grant.cancel()
