@@ -35,7 +35,11 @@ class AdminAuth:
     def __init__(self, admin_keys: list[str], api_keys: Tenancy) -> None:
         self.admin_keys = KeyRing(admin_keys)
         self.api_keys = api_keys
-        self.is_open = self.admin_keys.is_open and api_keys.is_open
+
+    @property
+    def is_open(self) -> bool:
+        # Asked each time: an open gateway closes once its store holds a key.
+        return self.admin_keys.is_open and self.api_keys.is_open
 
     def authenticate(self, request: Request) -> str:
         """The admin key's name; raises Unauthorized (no or unknown key) or Forbidden."""

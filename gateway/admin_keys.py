@@ -44,6 +44,13 @@ def keys_router(gateway: Gateway, auth: AdminAuth) -> APIRouter:
     tenancy = gateway.keys
     store, config = tenancy.store, gateway.config
 
+    async def refresh() -> None:
+        """In force here at once; the other gateways on the store follow at their next poll."""
+        try:
+            await tenancy.poll()
+        except StoreDown:
+            pass  # written, and the poll loop will load it once it can
+
     @router.get("/keys")
     async def list_keys(request: Request) -> dict[str, Any]:
         auth.authenticate(request)
@@ -57,6 +64,7 @@ def keys_router(gateway: Gateway, auth: AdminAuth) -> APIRouter:
         fields = await _fields(request)
         name = fields.pop("name", None)
         record, secret = await _call(manage.create, store, config, name, fields)
+        await refresh()
         return JSONResponse({**record.public(), "key": secret}, 201)
 
     @router.get("/keys/{name}")
@@ -68,12 +76,16 @@ def keys_router(gateway: Gateway, auth: AdminAuth) -> APIRouter:
     async def update(request: Request, name: str) -> dict[str, Any]:
         auth.authenticate(request)
         fields = await _fields(request)
-        return (await _call(manage.update, store, config, name, fields)).public()
+        record = await _call(manage.update, store, config, name, fields)
+        await refresh()
+        return record.public()
 
     @router.delete("/keys/{name}")
     async def revoke(request: Request, name: str) -> dict[str, Any]:
         auth.authenticate(request)
-        return (await _call(manage.revoke, store, name)).public()
+        record = await _call(manage.revoke, store, name)
+        await refresh()
+        return record.public()
 
     @router.get("/usage")
     async def usage(

@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
 Priority = Literal["low", "normal", "high"]
@@ -52,11 +53,16 @@ class KeyRecord:
             return "this API key was revoked"
         if not self.enabled:
             return "this API key is disabled"
-        if self.expires is not None:
-            today = dt.datetime.fromtimestamp(now or time.time(), dt.UTC).date()
-            if today > self.expires:
-                return f"this API key expired on {self.expires.isoformat()}"
+        if self.expires is not None and (now or time.time()) >= self._expired_at:
+            return f"this API key expired on {self.expires.isoformat()}"
         return None
+
+    @cached_property
+    def _expired_at(self) -> float:
+        """The Unix time the key stops working: the end of its `expires` day, UTC."""
+        assert self.expires is not None
+        end = dt.datetime.combine(self.expires + dt.timedelta(days=1), dt.time(), dt.UTC)
+        return end.timestamp()
 
     def allows(self, model: str) -> bool:
         """May this key use `model` (a configured name or alias)?"""

@@ -5,6 +5,7 @@ picks the change up at its next poll (tenancy.py). Blocking: the admin API runs 
 thread.
 """
 
+from dataclasses import replace
 from typing import Any
 
 from gateway.config import Config
@@ -38,7 +39,7 @@ def update(store: Store, config: Config, name: str, fields: dict[str, Any]) -> K
 def revoke(store: Store, name: str) -> KeyRecord:
     """Revoked is for good (update can disable a key for a while instead)."""
     record = _get(store, name)
-    record = KeyRecord(**{**vars(record), "revoked": True})
+    record = replace(record, revoked=True)
     store.save_key(record)
     return record
 

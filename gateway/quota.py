@@ -130,19 +130,23 @@ class Quota:
         return self.stored_month.get(name, 0) + (state.used_month if state else 0)
 
     def _check_budgets(self, key: KeyRecord, state: KeyUsage, estimate: int) -> None:
+        day, month = key.tokens_per_day, key.tokens_per_month
+        if day is not None and self.used_today(key.name) + state.reserved + estimate > day:
+            self._refuse(key, "daily", day, self.used_today(key.name), state, estimate)
+        if month is not None and self.used_this_month(key.name) + state.reserved + estimate > month:
+            self._refuse(key, "monthly", month, self.used_this_month(key.name), state, estimate)
+
+    def _refuse(
+        self, key: KeyRecord, period: str, limit: int, used: int, state: KeyUsage, estimate: int
+    ) -> None:
         now = dt.datetime.now(dt.UTC)
-        for period, name, limit, used, renews in (
-            ("daily", "tokens_per_day", key.tokens_per_day, self.used_today(key.name),
-             next_day(now)),
-            ("monthly", "tokens_per_month", key.tokens_per_month,
-             self.used_this_month(key.name), next_month(now)),
-        ):  # fmt: skip
-            if limit is not None and used + state.reserved + estimate > limit:
-                raise QuotaExceeded(
-                    f"key `{key.name}` reached its {period} budget: {name} {limit} "
-                    f"({used} used, {state.reserved} reserved, this request may take {estimate})",
-                    retry_after=_seconds((renews - now).total_seconds()),
-                )
+        renews = next_day(now) if period == "daily" else next_month(now)
+        name = "tokens_per_day" if period == "daily" else "tokens_per_month"
+        raise QuotaExceeded(
+            f"key `{key.name}` reached its {period} budget: {name} {limit} "
+            f"({used} used, {state.reserved} reserved, this request may take {estimate})",
+            retry_after=_seconds((renews - now).total_seconds()),
+        )
 
     def _state(self, key: KeyRecord, now: float) -> KeyUsage:
         """The key's usage, its buckets resized (or dropped) when its limits changed."""

@@ -106,8 +106,11 @@ class Store:
 
     def migrate_to(self, target: int) -> int:
         with self._transaction() as cur:
+            # One migrator at a time: the others wait here, then find the work done.
             if self.is_postgres:
-                cur.execute("SELECT pg_advisory_xact_lock(7301)")  # one migrator at a time
+                cur.execute("SELECT pg_advisory_xact_lock(7301)")
+            else:
+                cur.execute("BEGIN IMMEDIATE")
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             cur.execute("SELECT version FROM schema_version")
             row = cur.fetchone()

@@ -93,6 +93,7 @@ class Tenancy:
         # Why the store is down, as the key poll and the usage writer last found it.
         self.errors: dict[str, str | None] = {"poll": "not opened yet", "write": None}
         self._refreshed = 0.0
+        self._polling = asyncio.Lock()
         self._load([])
 
     @property
@@ -200,6 +201,11 @@ class Tenancy:
                 self._on_store(exc)
 
     async def poll(self) -> None:
+        """Reload the keys if the store's counter moved, and refresh budgets when due."""
+        async with self._polling:  # the loop and an admin change: one at a time, in order
+            await self._poll()
+
+    async def _poll(self) -> None:
         version = await asyncio.to_thread(self.store.version)
         if version != self.version:
             keys = await asyncio.to_thread(self.store.keys)

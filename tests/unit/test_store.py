@@ -2,6 +2,7 @@
 
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,10 @@ def test_an_unusable_database_is_store_down(tmp_path: Path) -> None:
 def test_dsn_password_is_not_shown(tmp_path: Path) -> None:
     store = Store("postgresql://eg:s3cret@db.example:5432/eg", tmp_path)
     assert store.describe() == "postgresql://db.example:5432/eg"
+
+
+def test_two_stores_migrating_at_once_both_end_at_the_newest(tmp_path: Path) -> None:
+    stores = [Store("sqlite", tmp_path) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda store: store.migrate(), stores))
+    assert versions == [len(MIGRATIONS)] * 4

@@ -4,10 +4,12 @@ written once the store is back. Real SQLite, locked by a second connection."""
 import sqlite3
 from pathlib import Path
 
+import pytest
 from starlette.requests import Request
 
 from gateway import manage
 from gateway.config import Config
+from gateway.errors import Unauthorized
 from gateway.store import Store, UsageRow
 from gateway.tenancy import Tenancy
 
@@ -66,3 +68,18 @@ async def test_waiting_usage_is_bounded_and_drops_are_counted(tmp_path: Path) ->
         tenancy.record(row(key))
     assert [r.key for r in tenancy.usage.waiting] == ["b", "c"]
     assert tenancy.usage.dropped == 1
+
+
+async def test_an_open_gateway_closes_once_the_store_holds_a_key(tmp_path: Path) -> None:
+    store = Store("sqlite", tmp_path)
+    tenancy = Tenancy([], store, allow_open=True)
+    await tenancy.start()
+    nobody = Request({"type": "http", "method": "POST", "path": "/v1/x", "headers": []})
+    assert tenancy.is_open and tenancy.authenticate(nobody).name == "anonymous"
+    _, secret = manage.create(store, config(), "first", {})
+    await tenancy.poll()
+    assert not tenancy.is_open
+    with pytest.raises(Unauthorized, match="missing API key"):
+        tenancy.authenticate(nobody)
+    assert tenancy.authenticate(bearer(secret)).name == "first"
+    await tenancy.stop()
