@@ -5,6 +5,7 @@ The upstream only answers; what is tested is the gateway's: who gets in (401), t
 admin API, in force within a second), and usage in the store within a second.
 """
 
+import shutil
 import subprocess
 import sys
 import time
@@ -266,3 +267,31 @@ def test_interrupted_stream_is_recorded_incomplete(gate: Gate) -> None:
 
 def test_ready_says_the_store_is_up(gate: Gate) -> None:
     assert httpx.get(f"{gate.base}/ready").json()["store"] == "up"
+
+
+def test_status_page_shows_keys_and_the_store(gate: Gate) -> None:
+    """The status page's Keys table: each key with its tokens today, and the store's state."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("`chromium` not installed: `bash deploy/test.sh` installs it (Debian package)")
+    assert gate.post(ALICE).status_code == 200
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{gate.base}/ui")
+        page.wait_for_selector("#login:not([hidden])")
+        page.fill("#key", ADMIN)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector('tr[data-key="alice"]')
+        page.wait_for_function(
+            "() => Number(document.querySelector('tr[data-key=\"alice\"] td:nth-child(2)')"
+            ".textContent) > 0"
+        )
+        store = page.get_attribute("#store", "data-state")
+        browser.close()
+    assert store == "up" and errors == []
