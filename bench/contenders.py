@@ -89,13 +89,25 @@ def direct(upstream: str) -> Contender:
     return Contender("direct", upstream + "/v1")
 
 
-def enginegate(upstream: str, workdir: Path) -> Contender:
+# A key with every per-key check on (allow-list, rates, concurrency, budgets), none of them
+# reached: what tenancy costs per request, against `enginegate`'s plain key.
+KEYED = {
+    "name": "bench", "key": API_KEY, "models": ["tin*"], "rpm": 10**9, "tpm": 10**12,
+    "max_concurrent": 10**6, "tokens_per_day": 10**15, "tokens_per_month": 10**16,
+    "priority": "high",
+}  # fmt: skip
+
+
+def enginegate(upstream: str, workdir: Path, keyed: bool = False) -> Contender:
     port = free_port()
+    name = "enginegate-keyed" if keyed else "enginegate"
+    workdir = workdir / name
+    workdir.mkdir(exist_ok=True)
     config = {
         "gateway": {
             "host": "127.0.0.1",
             "port": port,
-            "api_keys": [API_KEY],
+            "api_keys": [KEYED if keyed else API_KEY],
             "admin_keys": [ADMIN_KEY],
             "state_dir": str(workdir / "enginegate-state"),
         },
@@ -104,7 +116,7 @@ def enginegate(upstream: str, workdir: Path) -> Contender:
     path = workdir / "enginegate.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return Contender(
-        "enginegate",
+        name,
         f"http://127.0.0.1:{port}/v1",
         key=API_KEY,
         argv=[sys.executable, "-m", "gateway", "serve", "-c", str(path)],
@@ -198,6 +210,7 @@ def build(names: list[str], upstream: str, workdir: Path) -> list[Contender]:
     makers = {
         "direct": lambda: direct(upstream),
         "enginegate": lambda: enginegate(upstream, workdir),
+        "enginegate-keyed": lambda: enginegate(upstream, workdir, keyed=True),
         "vllm-router": lambda: vllm_router(upstream),
         "sglang-router": lambda: sglang_router(upstream),
         "litellm": lambda: litellm(upstream, workdir),

@@ -3,6 +3,7 @@
     python -m bench.overhead --setup           create the peers' venvs (once; minutes)
     python -m bench.overhead                   the full run (~2 min per contender)
     python -m bench.overhead --smoke           seconds: direct + enginegate, tiny counts (CI)
+    python -m bench.overhead --only enginegate enginegate-keyed    what per-key checks cost
 
 One upstream (bench/upstream.py, a load instrument) serves every contender. The contender
 runs pinned to one core; the upstream and the load generator share another, so the gateway
@@ -126,7 +127,9 @@ class Bench:
 
     def _phases(self, contender: Contender, process: Process | None, result: dict) -> None:
         s = self.settings
-        self._plain(contender, 8, max(1.0, s.warmup))  # warm-up: connection pools, JITs, caches
+        # Warm-up (connection pools, JITs, caches): longer than bench.load's own uncounted start,
+        # which would leave it an empty window to divide by.
+        self._plain(contender, 8, s.warmup + 1.0)
         result["plain"], result["stream"] = {}, {}
         for c in s.concurrencies:
             cpu = process.cpu_seconds() if process else 0.0
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["direct", "enginegate", *peers.PEERS],
+        choices=["direct", "enginegate", "enginegate-keyed", *peers.PEERS],
         help="contenders to run (direct always runs)",
     )
     parser.add_argument("--duration", type=float, help="seconds per phase")

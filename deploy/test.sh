@@ -6,11 +6,13 @@ cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 bash deploy/setup-cpu-engine.sh >/dev/null
 bash deploy/setup-engine-parsers.sh >/dev/null  # SGLang's and LMDeploy's argv parsers
-# Prometheus (with promtool) and Chromium for the observability e2e tests: Debian packages,
-# installed only when missing.
+# Prometheus (with promtool) and Chromium for the observability e2e tests, PostgreSQL for the
+# store: Debian packages, installed only when missing.
 missing=()
 { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
+{ command -v pg_ctl || compgen -G "/usr/lib/postgresql/*/bin/pg_ctl"; } >/dev/null \
+  || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
   echo "test: installing ${missing[*]} (apt-get)" >&2

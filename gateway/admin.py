@@ -26,15 +26,20 @@ from gateway.errors import Forbidden, NotFound, Unauthorized
 from gateway.gpu_metrics import GpuCollector
 from gateway.metrics import Metrics
 from gateway.state import Gateway
+from gateway.tenancy import Tenancy
 
 MAX_LOG_LINES = 5000
 
 
 class AdminAuth:
-    def __init__(self, admin_keys: list[str], api_keys: KeyRing) -> None:
+    def __init__(self, admin_keys: list[str], api_keys: Tenancy) -> None:
         self.admin_keys = KeyRing(admin_keys)
         self.api_keys = api_keys
-        self.is_open = self.admin_keys.is_open and api_keys.is_open
+
+    @property
+    def is_open(self) -> bool:
+        # Asked each time: an open gateway closes once its store holds a key.
+        return self.admin_keys.is_open and self.api_keys.is_open
 
     def authenticate(self, request: Request) -> str:
         """The admin key's name; raises Unauthorized (no or unknown key) or Forbidden."""
@@ -74,6 +79,7 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
             "workers": [describe(w.view()) for w in supervisor.workers],
             "gpus": [vars(gpu) for gpu in gpus.read()],
             "totals": totals(gateway.metrics),
+            "tenancy": gateway.keys.status(),
         }
 
     @router.get("/workers")

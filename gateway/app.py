@@ -4,6 +4,7 @@ The lifespan starts the supervisor (every worker) and stops it after uvicorn has
 taking requests, so uvicorn's own SIGINT/SIGTERM handling drives the whole shutdown.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ from fastapi import FastAPI
 from backends.supervisor import Supervisor
 from gateway import __version__
 from gateway.admin import AdminAuth, admin_router
-from gateway.auth import KeyRing
+from gateway.admin_keys import keys_router
 from gateway.config import Config
 from gateway.errors import install_handlers
 from gateway.hotpath import GatewayApp
@@ -25,12 +26,17 @@ from gateway.routes import router
 from gateway.routing import make_policy
 from gateway.scrape import EngineScraper, metrics_router
 from gateway.state import Gateway
+from gateway.store import Store
+from gateway.tenancy import Tenancy, config_keys
 from gateway.ui import router as ui_router
 from gateway.upstream import Upstream
 
 
-def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient) -> FastAPI:
-    """`client` serves the supervisor's probes and the metrics scrape; the proxy has its own."""
+def create_app(
+    config: Config, supervisor: Supervisor, client: httpx.AsyncClient, store: Store | None = None
+) -> FastAPI:
+    """`client` serves the supervisor's probes and the metrics scrape; the proxy has its own.
+    `store` holds keys and usage; by default the one `gateway.database` names."""
     metrics = Metrics(supervisor)
     admissions = {
         m.name: Admission(m.max_in_flight, m.max_queue, m.queue_timeout) for m in config.models
@@ -41,16 +47,28 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     proxy = Proxy(supervisor, upstream, metrics, admissions, policies, g.max_body_bytes)
     proxy.send_timeout = g.send_timeout
     proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
-    gateway = Gateway(config, supervisor, KeyRing(config.gateway.api_keys), metrics, proxy)
+    store = store or Store(g.database, g.state_dir)
+    is_open = g.allow_unauthenticated and not g.api_keys
+    tenancy = proxy.tenancy = Tenancy(config_keys(g), store, is_open)
+    proxy.is_fair = g.queueing == "fair"
+    proxy.priority_models = frozenset(
+        m.name for m in config.models if m.engine_args.get("scheduling-policy") == "priority"
+    )
+    gateway = Gateway(config, supervisor, tenancy, metrics, proxy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await tenancy.start()
+        tasks = [asyncio.create_task(tenancy.run()), asyncio.create_task(tenancy.usage.run())]
         await supervisor.start()
         try:
             yield
         finally:
             proxy.is_draining = True
             await supervisor.stop()
+            for task in tasks:
+                task.cancel()
+            await tenancy.stop()
             await upstream.close()
             await client.aclose()
 
@@ -71,6 +89,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     app.include_router(metrics_router(metrics, scraper, config.gateway.metrics_token))
     admin = AdminAuth(config.gateway.admin_keys, gateway.keys)
     app.include_router(admin_router(gateway, admin, metrics.gpus))
+    app.include_router(keys_router(gateway, admin))
     app.include_router(ui_router)
     return app
 

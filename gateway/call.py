@@ -21,6 +21,7 @@ from gateway.errors import ClientGone, GatewayError
 from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.request import dumps
+from gateway.tenancy import Grant
 from gateway.upstream import UpstreamResponse
 
 T = TypeVar("T")
@@ -53,6 +54,11 @@ class Call:
         self.last_chunk: float | None = None
         self.is_admitted = False
         self.is_finished = False
+        self.grant: Grant | None = None  # the key's share of its limits (tenancy.py)
+        self.usage: dict[str, Any] | None = None  # the engine's usage, when it sent one
+        self.chunks = 0
+        self.ttft: float | None = None
+        self.worker_id: str | None = None  # the last replica that took the request
         self._client_left: asyncio.Future[None] | None = None
 
     @property
@@ -60,13 +66,14 @@ class Call:
         """The engine has no reasoning parser for this model: the gateway splits the text."""
         return self.worker is not None and is_split_by_gateway(self.worker.slot.model.reasoning)
 
-    async def admit(self) -> None:
-        """Take an admission slot (or wait for one); enter `with call:` right after."""
+    async def admit(self, key: str = "", weight: float = 1.0) -> None:
+        """Take an admission slot (or wait for one, as `key` with `weight`: fair.py); enter
+        `with call:` right after."""
         m = self.metrics
         queued = m.child(m.queued, self.model)
         queued.inc()
         try:
-            await self.admission.enter()
+            await self.admission.enter(key, weight)
         except GatewayError as exc:
             m.child(m.requests, self.model, str(exc.status), self.principal).inc()
             raise
@@ -93,6 +100,7 @@ class Call:
         self.release()
         worker.in_flight += 1
         self.worker = worker
+        self.worker_id = worker.id
 
     def release(self) -> None:
         """Close the engine's response (the engine aborts what is unfinished) and uncount the
@@ -147,8 +155,10 @@ class Call:
 
     def saw_chunk(self) -> None:
         now, m = time.perf_counter(), self.metrics
+        self.chunks += 1
         if self.last_chunk is None:
-            m.child(m.ttft, self.model).observe(now - self.started)
+            self.ttft = now - self.started
+            m.child(m.ttft, self.model).observe(self.ttft)
         else:
             m.child(m.itl, self.model).observe(now - self.last_chunk)
         self.last_chunk = now
@@ -156,6 +166,7 @@ class Call:
     def add_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
+        self.usage = usage
         m = self.metrics
         for kind in ("prompt", "completion"):
             tokens = usage.get(f"{kind}_tokens")
@@ -174,9 +185,12 @@ class Call:
         if self.is_admitted:
             self.admission.leave()
             m.child(m.in_flight, self.model).dec()
-        status = str(self.status or 500)
-        m.child(m.requests, self.model, status, self.principal).inc()
-        m.child(m.duration, self.model).observe(time.perf_counter() - self.started)
+        status = self.status or 500
+        duration = time.perf_counter() - self.started
+        m.child(m.requests, self.model, str(status), self.principal).inc()
+        m.child(m.duration, self.model).observe(duration)
+        if self.grant is not None:
+            self.grant.finish(status, self.usage, self.chunks, self.worker_id, self.ttft, duration)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -20,7 +20,7 @@ from backends.ports import PortAllocator
 from backends.sockets import WorkerSocket
 from backends.statedir import StateDirError, claim
 from backends.supervisor import Supervisor, Timings
-from gateway import __version__, plan, render, status
+from gateway import __version__, keys_cli, plan, render, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
 from gateway.connections import connection_cap, guarded_protocol, raise_fd_limit
@@ -45,9 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     plan.add_arguments(commands.add_parser("plan", help="GPUs per replica and whether it fits"))
     status.add_arguments(commands.add_parser("status", help="a running gateway's workers"))
     render.add_arguments(commands.add_parser("render", help="the config as Kubernetes manifests"))
+    keys_cli.add_arguments(
+        commands.add_parser("keys", help="API keys in the store: create, list, show, ..."),
+        commands.add_parser("usage", help="tokens and requests per key and model"),
+    )
     args = parser.parse_args(argv)
     if args.command == "render":
         sys.exit(render.run(args))
+    if args.command in ("keys", "usage"):
+        sys.exit(keys_cli.run_keys(args) if args.command == "keys" else keys_cli.run_usage(args))
     if args.command == "status":
         sys.exit(status.run(args))
     if args.command == "plan":

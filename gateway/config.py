@@ -7,15 +7,18 @@ places every replica (backends.placement) and reports its errors the same way.
 
 import os
 import re
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -25,6 +28,7 @@ from backends.base import Slot
 from backends.cluster import ClusterSpec
 from backends.placement import PlacementError, available_cores, count_gpus, plan
 from backends.spec import ModelSpec
+from gateway.keys import unknown_models
 
 _VAR = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 _SECRET_KEYS = ("api_key", "api_keys", "admin_keys", "metrics_token")
@@ -39,12 +43,59 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{file}: {p}" for p in problems))
 
 
+class ApiKeyEntry(BaseModel):
+    """A key in the config file with a name, and optionally limits (see gateway/keys.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9@._-]+$")
+    key: str
+    owner: str | None = None
+    models: list[str] | None = Field(None, min_length=1, description="names and globs")
+    rpm: int | None = Field(None, gt=0, description="requests per minute")
+    tpm: int | None = Field(None, gt=0, description="prompt + completion tokens per minute")
+    max_concurrent: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
+    tokens_per_month: int | None = Field(None, gt=0)
+    priority: Literal["low", "normal", "high"] = "normal"
+    expires: date | None = None
+    enabled: bool = True
+
+    @field_validator("key")
+    @classmethod
+    def _not_empty(cls, key: str) -> str:
+        if not key.strip():
+            raise ValueError("the key is empty (is the variable it comes from set?)")
+        return key
+
+
+def _entry_kind(value: Any) -> str:
+    return "mapping" if isinstance(value, dict | ApiKeyEntry) else "string"
+
+
+# A string or a mapping; the discriminator keeps pydantic from reporting both branches' errors.
+KeyEntry = Annotated[
+    Annotated[str, Tag("string")] | Annotated[ApiKeyEntry, Tag("mapping")],
+    Discriminator(_entry_kind),
+]
+_TAGS = {"string", "mapping"}
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="Bearer tokens for /v1/*")
+    api_keys: list[KeyEntry] = Field(
+        default_factory=list,
+        description="Bearer tokens for /v1/*: strings, or mappings with a name",
+    )
+    queueing: Literal["fair", "fifo"] = Field(
+        "fair", description="a saturated model's line: weighted fair across keys, or FIFO"
+    )
+    database: str = Field(
+        "sqlite", description="where keys and usage live: sqlite (state_dir) or postgresql://..."
+    )
     allow_unauthenticated: bool = False
     admin_keys: list[str] = Field(default_factory=list, description="Bearer tokens for /admin, /ui")
     metrics_token: str | None = Field(None, description="Bearer token for /metrics; none: open")
@@ -70,10 +121,27 @@ class GatewayConfig(BaseModel):
 
     @field_validator("api_keys", "admin_keys")
     @classmethod
-    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
-        if any(not key.strip() for key in keys):
+    def _no_empty_keys(cls, keys: list[Any]) -> list[Any]:
+        if any(isinstance(key, str) and not key.strip() for key in keys):
             raise ValueError("an API key is empty (is the variable it comes from set?)")
         return keys
+
+    @field_validator("database")
+    @classmethod
+    def _known_database(cls, database: str) -> str:
+        if database != "sqlite" and not database.startswith(("postgresql://", "postgres://")):
+            raise ValueError("expected sqlite or a postgresql://user@host/db URL")
+        return database
+
+    @property
+    def api_key_secrets(self) -> list[str]:
+        return [key if isinstance(key, str) else key.key for key in self.api_keys]
+
+    def key_names(self) -> list[str]:
+        """Each config key's name: its own, or key-N (N: its place in the list) for a string."""
+        return [
+            f"key-{i}" if isinstance(key, str) else key.name for i, key in enumerate(self.api_keys)
+        ]
 
     @field_validator("metrics_token")
     @classmethod
@@ -92,8 +160,14 @@ class GatewayConfig(BaseModel):
                 'api_keys is empty: add a key (e.g. "${ENGINEGATE_API_KEY}") '
                 "or set allow_unauthenticated: true"
             )
-        if set(self.admin_keys) & set(self.api_keys):
+        if set(self.admin_keys) & set(self.api_key_secrets):
             raise ValueError("admin_keys and api_keys share a key; an admin key must be its own")
+        names = self.key_names()
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"api_keys: two keys are named {twice[0]}; names must differ")
+        if len(set(self.api_key_secrets)) != len(self.api_keys):
+            raise ValueError("api_keys: the same key is listed twice")
         return self
 
 
@@ -134,9 +208,25 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(error) for error in exc.errors()]) from None
+    problems = _allow_list_problems(config)
+    if problems:
+        raise ConfigError(file, problems)
     secrets = {name for name, path in read if _is_secret(path)}
     config._secret_env = frozenset(secrets)
     return config
+
+
+def _allow_list_problems(config: Config) -> list[str]:
+    known = {m.name for m in config.models} | {a for m in config.models for a in m.aliases}
+    problems = []
+    for i, key in enumerate(config.gateway.api_keys):
+        if isinstance(key, ApiKeyEntry):
+            for pattern in unknown_models(tuple(key.models or ()) or None, known):
+                problems.append(
+                    f"gateway.api_keys[{i}].models: `{pattern}` names no configured model "
+                    f"(models: {', '.join(sorted(known))})"
+                )
+    return problems
 
 
 def _is_secret(path: str) -> bool:
@@ -165,7 +255,7 @@ def key_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _describe(error: Any) -> str:
-    path = key_path(tuple(error["loc"])) or "(top level)"
+    path = key_path(tuple(p for p in error["loc"] if p not in _TAGS)) or "(top level)"
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key"

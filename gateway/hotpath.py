@@ -62,11 +62,11 @@ class GatewayApp(FastAPI):
     async def _proxy(self, request: Request, send: Send, path: str) -> None:
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.url.path} takes POST, not {request.method}", "POST")
-        principal = self.gateway.keys.authenticate(request)
+        key = self.gateway.keys.authenticate(request)
         content_type = request.headers.get("content-type")
         if not is_json(content_type):
             sent = f"`{content_type}`" if content_type else "none"
             raise UnsupportedMediaType(
                 f"send the body as `Content-Type: application/json`, not {sent}"
             )
-        await self.gateway.proxy.serve(request, send, path, principal)
+        await self.gateway.proxy.serve(request, send, path, key)

@@ -1,16 +1,17 @@
 """Admission: per model, at most `max_in_flight` requests at once and a bounded wait queue.
 
-A request that finds every slot taken waits in line (first come, first served) up to
-`queue_timeout` seconds; one that finds the line full, or waits too long, gets 429 with a
-Retry-After hint. A slot freed by a finished request goes straight to the next in line, so a
-newcomer cannot overtake someone already waiting.
+A request that finds every slot taken waits in line up to `queue_timeout` seconds; one that
+finds the line full, or waits too long, gets 429 with a Retry-After hint. A slot freed by a
+finished request goes straight to the line, so a newcomer never takes it past those waiting.
+Who in the line goes next is fair.py's: weighted fair queueing across keys by their priority
+class, which is first come, first served among one key's requests.
 """
 
 import asyncio
 import math
-from collections import deque
 
 from gateway.errors import RateLimited
+from gateway.fair import FairLine
 
 
 class Admission:
@@ -19,14 +20,15 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.in_flight = 0
-        self._line: deque[asyncio.Future[None]] = deque()
+        self._line = FairLine()
 
     @property
     def queued(self) -> int:
         return len(self._line)
 
-    async def enter(self) -> None:
-        """Take a slot, waiting in line if needed; raises RateLimited when there is none."""
+    async def enter(self, key: str = "", weight: float = 1.0) -> None:
+        """Take a slot, waiting in line if needed (`key`'s share of it is `weight`); raises
+        RateLimited when there is none."""
         if self.max_in_flight is None or (self.in_flight < self.max_in_flight and not self._line):
             self.in_flight += 1
             return
@@ -36,7 +38,7 @@ class Admission:
                 retry_after=self._retry_after(),
             )
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._line.append(turn)
+        self._line.append(turn, key, weight)
         try:
             await asyncio.wait_for(asyncio.shield(turn), self.queue_timeout)
         except TimeoutError:

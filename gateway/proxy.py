@@ -33,16 +33,21 @@ from gateway.errors import (
     error_body,
     from_upstream,
 )
+from gateway.fair import WEIGHTS
+from gateway.keys import KeyRecord
 from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.request import dumps, parse, read_body
 from gateway.routing import RoutingPolicy
 from gateway.sse import complete_history, rewrite_json
+from gateway.tenancy import Grant, Tenancy
 from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
 
+# vLLM serves a lower `priority` first; requests without one count as 0.
+ENGINE_PRIORITY = {"high": -1, "normal": 0, "low": 1}
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
 MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a whole (non-stream) answer; larger ones are a 502
@@ -60,13 +65,18 @@ class Proxy:
     send_timeout: float = 60  # seconds one send to a client that does not read may wait
     is_draining: bool = False  # set on SIGTERM: new requests get 503, in-flight ones finish
     aliases: dict[str, str] = field(default_factory=dict)  # alias → the model it names
+    tenancy: Tenancy | None = None  # per-key allow-lists, limits and usage; None: none
+    is_fair: bool = True  # a saturated model's line: weighted fair across keys, or FIFO
+    # Models whose engine schedules by the request's `priority` (vLLM's
+    # --scheduling-policy priority): it is set from the key's priority class.
+    priority_models: frozenset[str] = frozenset()
 
     @property
     def pending(self) -> int:
         """Requests admitted or waiting, over every model."""
         return sum(a.in_flight + a.queued for a in self.admissions.values())
 
-    async def serve(self, request: Request, send: Send, path: str, principal: str) -> None:
+    async def serve(self, request: Request, send: Send, path: str, key: KeyRecord) -> None:
         """Answer an OpenAI request by POSTing its body to `path` under a replica's /v1.
 
         Raises GatewayError only before admission, when nothing has been sent; from admission
@@ -83,12 +93,24 @@ class Proxy:
         workers = self.supervisor.by_model(name)
         if not workers:
             names = {w.model_name for w in self.supervisor.workers} | self.aliases.keys()
-            available = ", ".join(sorted(names))
+            available = ", ".join(sorted(n for n in names if key.allows(n)))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
-        if complete_history(body):
+        grant = self._admit_key(key, model, name, body, len(raw))
+        if name in self.priority_models:
+            body["priority"] = ENGINE_PRIORITY[key.priority]  # the key's, never the client's
+        if complete_history(body) or name in self.priority_models:
             raw = dumps(body)
-        call = Call(self.metrics, self.admissions[name], name, principal, raw, body)
-        await call.admit()
+        call = Call(self.metrics, self.admissions[name], name, key.name, raw, body)
+        try:
+            if self.is_fair:
+                await call.admit(key.name, WEIGHTS[key.priority])
+            else:
+                await call.admit()
+        except GatewayError:
+            if grant is not None:
+                grant.cancel()
+            raise
+        call.grant = grant
         with call:
             call.watch(request.receive)  # the body is read: what comes next can only be goodbye
             try:
@@ -97,6 +119,18 @@ class Proxy:
                 call.status = exc.status
                 response = exc.response()
             await response(request.scope, request.receive, send)
+
+    def _admit_key(
+        self, key: KeyRecord, asked: str, name: str, body: dict[str, Any], size: int
+    ) -> Grant | None:
+        """The key's allow-list and limits (tenancy.py); refusals are counted here."""
+        if self.tenancy is None:
+            return None
+        try:
+            return self.tenancy.admit(key, asked, name, body, size)
+        except GatewayError as exc:
+            self.metrics.child(self.metrics.requests, name, str(exc.status), key.name).inc()
+            raise
 
     async def _answer(
         self, call: Call, request: Request, workers: list[Worker], path: str

@@ -22,7 +22,7 @@ async def list_models(request: Request) -> JSONResponse:
     An alias is listed as a model of its own, with `alias_of` naming the model it points at.
     """
     gateway = _gateway(request)
-    gateway.keys.authenticate(request)
+    key = gateway.keys.authenticate(request)
     data = []
     for model in gateway.config.models:
         workers = gateway.supervisor.by_model(model.name)
@@ -37,8 +37,13 @@ async def list_models(request: Request) -> JSONResponse:
             "replicas_ready": ready,
             "replicas": len(workers),
         }
-        data.append(card)
-        data += [{**card, "id": alias, "alias_of": model.name} for alias in model.aliases]
+        if key.allows(model.name):
+            data.append(card)
+        data += [
+            {**card, "id": alias, "alias_of": model.name}
+            for alias in model.aliases
+            if key.allows(alias) or key.allows(model.name)
+        ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -60,6 +65,8 @@ async def ready(request: Request) -> JSONResponse:
     body = {
         "status": "ready" if is_ready else "not ready",
         "replicas_ready": models,
+        # A store that is down is said, not failed on: cached keys keep serving meanwhile.
+        "store": gateway.keys.store_state,
         "uptime_seconds": round(time.monotonic() - gateway.started, 1),
     }
     return JSONResponse(body, 200 if is_ready else 503)

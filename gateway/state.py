@@ -4,17 +4,17 @@ import time
 from dataclasses import dataclass, field
 
 from backends.supervisor import Supervisor
-from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
+from gateway.tenancy import Tenancy
 
 
 @dataclass
 class Gateway:
     config: Config
     supervisor: Supervisor
-    keys: KeyRing
+    keys: Tenancy
     metrics: Metrics
     proxy: Proxy
     started: float = field(default_factory=time.monotonic)
