@@ -32,6 +32,10 @@ MAX_LOG_LINES = 5000
 
 class AdminAuth:
     def __init__(self, admin_keys: list[str], api_keys: KeyRing) -> None:
+        self.update(admin_keys, api_keys)
+
+    def update(self, admin_keys: list[str], api_keys: KeyRing) -> None:
+        """New keys, e.g. after a reload."""
         self.admin_keys = KeyRing(admin_keys)
         self.api_keys = api_keys
         self.is_open = self.admin_keys.is_open and api_keys.is_open

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from backends.supervisor import Supervisor
 from gateway import __version__
 from gateway.admin import AdminAuth, admin_router
+from gateway.admin_changes import changes_router
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.errors import install_handlers
@@ -21,6 +22,7 @@ from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.origin import allowed_hosts
 from gateway.proxy import Proxy
+from gateway.rollout import Rollout
 from gateway.routes import router
 from gateway.routing import make_policy
 from gateway.scrape import EngineScraper, metrics_router
@@ -42,6 +44,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     proxy.send_timeout = g.send_timeout
     proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
     gateway = Gateway(config, supervisor, KeyRing(config.gateway.api_keys), metrics, proxy)
+    rollout = Rollout(gateway)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,6 +53,7 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
             yield
         finally:
             proxy.is_draining = True
+            await rollout.stop()
             await supervisor.stop()
             await upstream.close()
             await client.aclose()
@@ -63,14 +67,16 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
         openapi_url=None,  # no map of the routes for whoever asks without a key
     )
     app.gateway = app.state.gateway = gateway
+    app.state.rollout = rollout
     # Open mode: a web page must not drive the gateway cross-site (keys stop that otherwise).
     app.allowed_hosts = None if g.api_keys else allowed_hosts(g.host, g.port)
     install_handlers(app)
     app.include_router(router)
     scraper = EngineScraper(supervisor, metrics.registry)
     app.include_router(metrics_router(metrics, scraper, config.gateway.metrics_token))
-    admin = AdminAuth(config.gateway.admin_keys, gateway.keys)
+    admin = gateway.admin = AdminAuth(config.gateway.admin_keys, gateway.keys)
     app.include_router(admin_router(gateway, admin, metrics.gpus))
+    app.include_router(changes_router(rollout, admin))
     app.include_router(ui_router)
     return app
 

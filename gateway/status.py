@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             if resp.status_code in (401, 403)
             else ""
         )
-        return _fail(f"{url}/admin/status answered {resp.status_code}: {_message(resp)}{hint}")
+        return _fail(f"{url}/admin/status answered {resp.status_code}: {message(resp)}{hint}")
     print(render(resp.json(), url))
     return 0
 
@@ -190,7 +190,7 @@ def _where(worker: dict[str, Any]) -> Any:
     return "unix" if worker["port"] is None and worker.get("socket") else _dash(worker["port"])
 
 
-def _message(resp: httpx.Response) -> str:
+def message(resp: httpx.Response) -> str:
     try:
         return str(resp.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):

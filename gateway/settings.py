@@ -1,0 +1,54 @@
+"""Gateway settings that a reload applies at once, in one place: `apply_settings`.
+
+Keys, timeouts, body limit, per-model admission, routing policies and aliases live in objects
+the hot path reads on every request (Gateway.keys, Proxy, Admission, Upstream); this swaps or
+updates them between two requests, so a request sees either the old settings or the new ones.
+A request already admitted keeps the Admission it entered through. Anything that holds a
+setting read from the config must be updated here (and nowhere else) to follow a reload.
+"""
+
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.limits import Admission
+from gateway.routing import make_policy
+from gateway.state import Gateway
+
+
+def apply_settings(gateway: Gateway, config: Config) -> None:
+    """Make `config`'s gateway and per-model settings the running ones. Admission and routing
+    of a model that is gone stay until `forget_models` (its workers may still drain)."""
+    g = config.gateway
+    old = gateway.config
+    gateway.keys = KeyRing(g.api_keys)
+    if gateway.admin is not None:
+        gateway.admin.update(g.admin_keys, gateway.keys)
+    proxy = gateway.proxy
+    proxy.max_body_bytes = g.max_body_bytes
+    proxy.send_timeout = g.send_timeout
+    proxy.upstream.set_timeouts(g.connect_timeout, g.read_timeout)
+    proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
+    was = {m.name: m for m in old.models}
+    for spec in config.models:
+        admission = proxy.admissions.get(spec.name)
+        if admission is None:
+            proxy.admissions[spec.name] = Admission(
+                spec.max_in_flight, spec.max_queue, spec.queue_timeout
+            )
+        else:
+            admission.max_in_flight = spec.max_in_flight
+            admission.max_queue = spec.max_queue
+            admission.queue_timeout = spec.queue_timeout
+        before = was.get(spec.name)
+        if before is None or (before.routing, before.prefix_chars) != (
+            spec.routing,
+            spec.prefix_chars,
+        ):
+            proxy.policies[spec.name] = make_policy(spec.routing, spec.prefix_chars)
+    gateway.config = config
+
+
+def forget_models(gateway: Gateway, names: list[str]) -> None:
+    """Drop the admission and routing of models that are gone and drained."""
+    for name in names:
+        gateway.proxy.admissions.pop(name, None)
+        gateway.proxy.policies.pop(name, None)
