@@ -67,6 +67,8 @@ class WorkerState(StrEnum):
     UNHEALTHY = "unhealthy"
     RESTARTING = "restarting"
     DRAINING = "draining"  # out of rotation for good: its requests finish, then it stops
+    IDLE = "idle"  # start: on_demand, no engine now: one starts at the next request
+    SLEEPING = "sleeping"  # start: on_demand, its engine sleeps (vLLM sleep mode) until woken
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -261,6 +263,44 @@ class Worker:
         if self.in_flight:
             log.warning("worker %s: drain timed out with %d in flight", self.id, self.in_flight)
         await self.stop()
+
+    async def park(self) -> None:
+        """Stop the engine, yet stay startable (an on-demand model): IDLE on return, and
+        start() starts it again."""
+        if self._is_retiring:
+            return
+        await self.stop()
+        self._stopping.clear()
+        self._task = None
+        self._set(WorkerState.IDLE)
+
+    async def sleep(self) -> bool:
+        """Put a ready engine to sleep (vLLM `POST /sleep`, level 1: weights to CPU memory,
+        KV cache dropped): SLEEPING and out of rotation. False if the engine refused."""
+        if self.state is not WorkerState.READY or not await self._post_engine("/sleep?level=1"):
+            return False
+        self._set(WorkerState.SLEEPING)
+        return True
+
+    async def wake(self) -> bool:
+        """Wake a sleeping engine (vLLM `POST /wake_up`): READY again. False if it failed."""
+        if self.state is not WorkerState.SLEEPING or not await self._post_engine("/wake_up"):
+            return False
+        self._set(WorkerState.READY)
+        return True
+
+    async def _post_engine(self, path: str) -> bool:
+        assert self.launch is not None
+        root = self.launch.base_url.removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            resp = await self.client.post(root + path, headers=headers, timeout=300)
+        except httpx.HTTPError as exc:
+            log.error("worker %s: POST %s failed: %r", self.id, path, exc)
+            return False
+        if resp.status_code != 200:
+            log.error("worker %s: POST %s answered %d", self.id, path, resp.status_code)
+        return resp.status_code == 200
 
     def plan_launch(self) -> Launch:
         """Fresh ports and secret for the next start (a dead engine's ports may linger); for
@@ -528,7 +568,7 @@ class Supervisor:
         if ended:
             log.warning("ended %d engine processes left by an earlier gateway", len(ended))
         for worker in self.workers:
-            worker.start()
+            self._launch(worker)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """True once every worker is ready; False if one failed or the timeout passed."""
@@ -542,14 +582,23 @@ class Supervisor:
                 return False
             await asyncio.sleep(0.2)
 
-    def add(self, slot: Slot) -> Worker:
-        """A new worker for `slot`, supervised from now on (STARTING on return)."""
+    def add(self, slot: Slot, start: bool | None = None) -> Worker:
+        """A new worker for `slot`, supervised from now on: STARTING on return, or IDLE for
+        an on-demand model (`start` decides instead when given)."""
         if self.get(slot.worker_id) is not None:
             raise ValueError(f"worker id {slot.worker_id!r} is taken")
         worker = self._make(slot)
         self.workers.append(worker)
-        worker.start()
+        self._launch(worker, start)
         return worker
+
+    def _launch(self, worker: Worker, start: bool | None = None) -> None:
+        if start is None:
+            start = worker.slot.model.start != "on_demand"
+        if start:
+            worker.start()
+        else:
+            worker.state = WorkerState.IDLE
 
     async def retire(self, worker: Worker, drain_timeout: float) -> None:
         """Drain and stop one worker (Worker.retire), then forget it."""

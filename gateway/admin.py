@@ -123,6 +123,8 @@ def describe(worker: WorkerView) -> dict[str, Any]:
         "last_start_seconds": worker.last_start_seconds,
         "in_flight": worker.in_flight,
         "last_error": list(worker.last_error),
+        "replaces": worker.replaces,  # a rolling replacement: the worker this one succeeds
+        "replaced_by": worker.replaced_by,
         "log": f"/admin/workers/{worker.id}/log",
     }
 

@@ -20,6 +20,7 @@ from gateway.errors import install_handlers
 from gateway.hotpath import GatewayApp
 from gateway.limits import Admission
 from gateway.metrics import Metrics
+from gateway.on_demand import OnDemand
 from gateway.origin import allowed_hosts
 from gateway.proxy import Proxy
 from gateway.rollout import Rollout
@@ -45,14 +46,18 @@ def create_app(config: Config, supervisor: Supervisor, client: httpx.AsyncClient
     proxy.aliases = {alias: m.name for m in config.models for alias in m.aliases}
     gateway = Gateway(config, supervisor, KeyRing(config.gateway.api_keys), metrics, proxy)
     rollout = Rollout(gateway)
+    on_demand = OnDemand(gateway)
+    proxy.waiter = on_demand.waiter
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await supervisor.start()
+        on_demand.start()
         try:
             yield
         finally:
             proxy.is_draining = True
+            await on_demand.stop()
             await rollout.stop()
             await supervisor.stop()
             await upstream.close()

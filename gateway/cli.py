@@ -118,7 +118,9 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
     # should end the process with status 0, not a signal death, so it lands on a no-op.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, handle_sighup, app.state.rollout)
+    # The same way for SIGHUP: the handler only schedules the reload on the loop.
+    loop, rollout = asyncio.get_running_loop(), app.state.rollout
+    signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(handle_sighup, rollout))
     try:
         await server.serve()
     finally:

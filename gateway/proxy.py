@@ -13,6 +13,7 @@ its one exit.
 """
 
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class Proxy:
     send_timeout: float = 60  # seconds one send to a client that does not read may wait
     is_draining: bool = False  # set on SIGTERM: new requests get 503, in-flight ones finish
     aliases: dict[str, str] = field(default_factory=dict)  # alias → the model it names
+    # What to await before routing to a model that runs on demand (None: nothing).
+    waiter: Callable[[str], Coroutine[Any, Any, None] | None] | None = None
 
     @property
     def pending(self) -> int:
@@ -101,6 +104,9 @@ class Proxy:
     async def _answer(
         self, call: Call, request: Request, workers: list[Worker], path: str
     ) -> Response | Relay:
+        waiting = self.waiter(call.model) if self.waiter is not None else None
+        if waiting is not None:
+            await call.unless_client_leaves(waiting)
         upstream = await self._send(call, request, workers, path)
         if upstream.status >= 400:
             return await self._error_response(call, upstream)

@@ -3,12 +3,12 @@
     load + validate the file → diff by model → place what starts → check it fits → Plan
 
 `diff` is pure. A model is *kept* when its engine settings are equal (only what the gateway
-enforces changed: aliases, admission, routing, startup_timeout), *scaled* when only `replicas`
-changed, *replaced* when anything else about its engine changed (flags, command, model path,
-layout, env, devices), *started* when new and *stopped* when gone. Gateway settings (keys,
-timeouts, limits) apply at once; those uvicorn holds (host, port, ...) cannot change while the
-gateway runs, and a file that changes them is refused. Nothing here starts or stops anything:
-gateway/rollout.py carries a plan out.
+enforces changed: aliases, admission, routing, startup_timeout, on-demand start), *scaled*
+when only `replicas` changed, *replaced* when anything else about its engine changed (flags,
+command, model path, layout, env, devices), *started* when new and *stopped* when gone.
+Gateway settings (keys, timeouts, limits) apply at once; those uvicorn holds (host, port, ...)
+cannot change while the gateway runs, and a file that changes them is refused. Nothing here
+starts or stops anything: gateway/rollout.py carries a plan out.
 """
 
 import dataclasses
@@ -35,6 +35,9 @@ GATEWAY_FIELDS = frozenset(
         "prefix_chars",
         "startup_timeout",
         "config_json",
+        "start",
+        "idle_stop",
+        "exclusive",
     }
 )
 # Gateway keys that uvicorn or the state directory hold for the life of the process.
@@ -88,15 +91,17 @@ def engine_settings(spec: ModelSpec) -> dict[str, Any]:
     return spec.model_dump(exclude=set(GATEWAY_FIELDS) | {"replicas"})
 
 
-def diff(old: Config, new: Config) -> Plan:
-    """The plan that turns `old` into `new` (slots left empty: `prepare` places them)."""
+def diff(old: Config, new: Config, stale: frozenset[str] = frozenset()) -> Plan:
+    """The plan that turns `old` into `new` (slots left empty: `prepare` places them).
+    `stale`: models with workers that run other engine settings than `old` says (a
+    replacement that failed half-way): replaced whatever the file says."""
     result = Plan()
     before = {spec.name: spec for spec in old.models}
     for spec in new.models:
         was = before.get(spec.name)
         if was is None:
             result.start.append(spec.name)
-        elif engine_settings(was) != engine_settings(spec):
+        elif engine_settings(was) != engine_settings(spec) or spec.name in stale:
             result.replace.append(spec.name)
         elif was.replicas != spec.replicas:
             result.scale[spec.name] = (was.replicas, spec.replicas)
@@ -116,15 +121,18 @@ def _gateway_part(spec: ModelSpec) -> dict[str, Any]:
 
 
 def prepare(
-    path: str | Path, running: Config, held_gpus: dict[str, tuple[int, ...]]
+    path: str | Path,
+    running: Config,
+    held_gpus: dict[str, tuple[int, ...]],
+    stale: frozenset[str] = frozenset(),
 ) -> tuple[Config, Plan]:
     """Load `path`, diff it against `running` and place what starts; ConfigError (naming the
     file and key) for a file that does not validate, changes what cannot change while the
     gateway runs, or does not fit. `held_gpus`: the GPUs each running model's workers hold,
-    which placement leaves to the models that keep them."""
+    which placement leaves to the models that keep them; `stale` as for diff."""
     file = str(path)
     new = load_config(path)
-    result = diff(running, new)
+    result = diff(running, new, stale)
     fixed = [k for k in FIXED_SETTINGS if f"gateway.{k}" in result.settings]
     if fixed:
         raise ConfigError(

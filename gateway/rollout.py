@@ -27,7 +27,7 @@ from backends.base import Slot
 from backends.supervisor import Worker, WorkerState
 from gateway.config import Config, ConfigError
 from gateway.errors import ClientError, NotFound
-from gateway.reload import Plan, prepare, successor_id, successor_slot
+from gateway.reload import Plan, engine_settings, prepare, successor_id, successor_slot
 from gateway.settings import apply_settings, forget_models
 from gateway.state import Gateway
 
@@ -75,9 +75,14 @@ class Rollout:
         if path is None:
             raise ConfigError("(no file)", ["the gateway was not started from a config file"])
         held: dict[str, tuple[int, ...]] = {}
+        specs = {spec.name: spec for spec in running.models}
+        stale = set()
         for worker in self.gateway.supervisor.workers:
             held[worker.model_name] = held.get(worker.model_name, ()) + worker.slot.gpus
-        return prepare(path, running, held)
+            spec = specs.get(worker.model_name)
+            if spec and engine_settings(spec) != engine_settings(worker.slot.model):
+                stale.add(worker.model_name)
+        return prepare(path, running, held, frozenset(stale))
 
     def reload(self, path: str | Path | None = None) -> Plan:
         """Plan, then apply in the background; raises Busy or ConfigError (nothing changed)."""
@@ -163,6 +168,8 @@ class Rollout:
         for name in plan.keep:  # their engines stay; what the gateway enforces is new
             for worker in supervisor.by_model(name):
                 worker.slot = successor_slot(worker.slot, worker.id, specs[name])
+                if worker.state is WorkerState.IDLE and specs[name].start == "always":
+                    worker.start()  # no longer on demand
         drain = config.gateway.drain_timeout
         gone = [w for name in plan.stop for w in supervisor.by_model(name)]
         await asyncio.gather(*(supervisor.retire(w, drain) for w in gone))
@@ -214,15 +221,22 @@ class Rollout:
         never became ready (then `old` is left as it was, if it still runs)."""
         supervisor = self.gateway.supervisor
         drain = self.gateway.config.gateway.drain_timeout
+        if old.state is WorkerState.IDLE:  # on demand, no engine: its next start is new
+            old.slot = successor_slot(slot, old.id, slot.model)
+            return True
         taken = {w.id for w in supervisor.workers}
         new_slot = successor_slot(slot, successor_id(old.id, taken), slot.model)
+        # Placement gave other models other GPUs (exclusive groups take turns on their own),
+        # so only this model's workers can hold the successor's.
         blockers = [
-            w for w in supervisor.workers if set(w.slot.gpus) & set(new_slot.gpus) and w is not old
+            w
+            for w in supervisor.by_model(old.model_name)
+            if set(w.slot.gpus) & set(new_slot.gpus) and w is not old
         ]
         first = [*blockers, old] if set(old.slot.gpus) & set(new_slot.gpus) else blockers
         for worker in first:  # one at a time: its devices are the successor's
             await supervisor.retire(worker, drain)
-        successor = supervisor.add(new_slot)
+        successor = supervisor.add(new_slot, start=True)
         successor.replaces, old.replaced_by = old.id, successor.id
         model = old.model_name
         if not await self._until_ready(successor):
@@ -243,6 +257,8 @@ class Rollout:
     async def _until_ready(self, worker: Worker) -> bool:
         deadline = time.monotonic() + worker.slot.model.startup_timeout + READY_SLACK
         while not worker.is_ready:
+            if worker.state is WorkerState.IDLE:
+                return True  # on demand: it starts with its first request
             if worker.state in (WorkerState.FAILED, WorkerState.STOPPED):
                 return False
             if time.monotonic() > deadline:

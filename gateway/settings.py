@@ -48,7 +48,7 @@ def apply_settings(gateway: Gateway, config: Config) -> None:
 
 
 def forget_models(gateway: Gateway, names: list[str]) -> None:
-    """Drop the admission and routing of models that are gone and drained."""
+    """Drop the admission of models that are gone and drained. Their routing policy stays
+    (a few bytes): a request admitted just before may still be on its way to routing."""
     for name in names:
         gateway.proxy.admissions.pop(name, None)
-        gateway.proxy.policies.pop(name, None)

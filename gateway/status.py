@@ -106,7 +106,7 @@ def render(status: dict[str, Any], url: str) -> str:
         [
             w["id"],
             w["model"],
-            w["state"],
+            _state(w),
             w["devices"],
             _where(w),
             _dash(w["pid"]),
@@ -179,6 +179,12 @@ def duration(seconds: float | None) -> str:
 
 def _count(totals: dict[str, dict[str, float]], key: str, model: str) -> int:
     return int(totals.get(key, {}).get(model, 0))
+
+
+def _state(worker: dict[str, Any]) -> str:
+    """`draining -> tiny-0.1` for a worker being replaced."""
+    successor = worker.get("replaced_by")
+    return f"{worker['state']} -> {successor}" if successor else str(worker["state"])
 
 
 def _dash(value: Any) -> Any:

@@ -42,12 +42,15 @@ class SteadyLoad:
         clients: int = 8,
         body: dict[str, Any] | None = None,
         timeout: float = 120,
+        pause: float = 0.0,
     ) -> None:
+        """`pause`: seconds each client waits between an answer and its next request."""
         self.url = f"{url}/v1/chat/completions"
         self.headers = {"Authorization": f"Bearer {api_key}"}
         self.models = models
         self.body = body or {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         self.timeout = timeout
+        self.pause = pause
         self.counts: dict[str, Counts] = {}
         self._phase = "start"
         self._lock = threading.Lock()
@@ -98,6 +101,7 @@ class SteadyLoad:
                         counts.fingerprints[fingerprint] += 1
                     else:
                         counts.failed += 1
+                self._stop.wait(self.pause)
 
     def _send(self, http: httpx.Client, model: str) -> tuple[str, str]:
         try:

@@ -224,7 +224,7 @@ def test_a_successor_that_never_gets_ready_leaves_the_old_worker_serving(
 ) -> None:
     """1. A model whose new engine would never pass its probe (FAKE_ENGINE_HEALTH=503);
     2. reload: the reload fails naming the successor, the old worker keeps its process and
-    answers, and no successor is left."""
+    answers, and no successor is left; 3. the file still differs from what runs."""
     gw = start([fake("solo", startup_timeout=2)])
     before = pids(gw)
     rewrite(gw, [fake("solo", startup_timeout=2, env={"FAKE_ENGINE_HEALTH": "503"})])
@@ -235,3 +235,6 @@ def test_a_successor_that_never_gets_ready_leaves_the_old_worker_serving(
     assert chat(gw, "solo").status_code == 200
     assert gw.metric("enginegate_reloads_total", result="failed") == 1
     assert gw.metric("enginegate_replacements_total", model="solo", result="failed") == 1
+    # 3. The worker still runs the old settings: the same file plans its replacement again.
+    done = gw.cli("check", "--reload")
+    assert done.stdout.splitlines()[0] == "replace  solo (replica by replica)", done.stdout
