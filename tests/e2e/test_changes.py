@@ -102,7 +102,7 @@ def test_reload_changing_an_engine_flag_answers_every_request(
 ) -> None:
     """1. Write `max-num-seqs: 8` into pair's engine_args; 2. `enginegate reload` under 20
     clients: both replicas are replaced one after the other; 3. every request was answered
-    200 and both engines now run with the flag."""
+    200 and both engines now run with the flag; 4. the same file again changes nothing."""
     config = yaml.safe_load(gw.config_path.read_text())
     config["models"] = [pair(engine, **{"max-num-seqs": 8})]
     gw.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -117,6 +117,15 @@ def test_reload_changing_an_engine_flag_answers_every_request(
     assert load.total.failed == 0, {p: str(c) for p, c in load.counts.items()}
     replaced = gw.metric("enginegate_replacements_total", model=MODEL, result="done")
     assert replaced == 3
+    # The same file again: nothing changes, and no engine is touched.
+    pids = {w["id"]: w["pid"] for w in workers}
+    began = time.monotonic()
+    again = gw.cli("reload")
+    record_timing("`enginegate reload` when nothing changes", time.monotonic() - began)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("nothing changes"), again.stdout
+    record_result("reload, nothing changes", again.stdout.splitlines()[-1])
+    assert {w["id"]: w["pid"] for w in gw.workers()} == pids
 
 
 def test_a_model_on_demand_starts_with_its_first_request_and_stops_when_idle(
