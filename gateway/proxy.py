@@ -83,8 +83,7 @@ class Proxy:
         if not isinstance(model, str) or not model:
             raise BadRequest("`model` is required: the name of a configured model", "model")
         name = self.aliases.get(model, model)  # an alias is answered as itself (Call.reply_as)
-        workers = self.supervisor.by_model(name)
-        if not workers:
+        if not self.supervisor.by_model(name):
             names = {w.model_name for w in self.supervisor.workers} | self.aliases.keys()
             available = ", ".join(sorted(names))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
@@ -95,18 +94,18 @@ class Proxy:
         with call:
             call.watch(request.receive)  # the body is read: what comes next can only be goodbye
             try:
-                response = await self._answer(call, request, workers, path)
+                response = await self._answer(call, request, path)
             except GatewayError as exc:
                 call.status = exc.status
                 response = exc.response()
             await response(request.scope, request.receive, send)
 
-    async def _answer(
-        self, call: Call, request: Request, workers: list[Worker], path: str
-    ) -> Response | Relay:
+    async def _answer(self, call: Call, request: Request, path: str) -> Response | Relay:
         waiting = self.waiter(call.model) if self.waiter is not None else None
         if waiting is not None:
             await call.unless_client_leaves(waiting)
+        # Read after admission and any wait: a rolling replacement may have changed them.
+        workers = self.supervisor.by_model(call.model)
         upstream = await self._send(call, request, workers, path)
         if upstream.status >= 400:
             return await self._error_response(call, upstream)

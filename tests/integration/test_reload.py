@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +197,12 @@ def test_sighup_reloads_and_a_reload_of_the_same_file_touches_nothing(
 
 
 def test_rolling_restart_answers_every_request(start: Callable[..., GatewayProcess]) -> None:
-    """1. Two replicas, 8 clients sending steadily; 2. `enginegate restart two`: each replica
-    is replaced by a successor started first; 3. every request was answered 200, the
-    successors answered some, and the replacements are counted."""
-    gw = start([fake("two", replicas=2)])
+    """1. Two replicas, 8 clients sending steadily (4 at a time admitted); 2. `enginegate
+    restart two`: each replica is replaced by a successor started first; 3. every request
+    was answered 200, the successors answered some, and the replacements are counted."""
+    # Half the clients wait in the admission queue: they are routed after the wait, to
+    # whichever workers are there by then.
+    gw = start([fake("two", replicas=2, max_in_flight=4, max_queue=64)])
     with SteadyLoad(gw.url, API_KEY, ["two"], clients=8) as load:
         time.sleep(1)
         load.phase("restart")
@@ -238,3 +241,24 @@ def test_a_successor_that_never_gets_ready_leaves_the_old_worker_serving(
     # 3. The worker still runs the old settings: the same file plans its replacement again.
     done = gw.cli("check", "--reload")
     assert done.stdout.splitlines()[0] == "replace  solo (replica by replica)", done.stdout
+
+
+def test_a_request_queued_during_a_replacement_goes_to_the_successor(
+    start: Callable[..., GatewayProcess],
+) -> None:
+    """1. One replica, one request at a time, answers taking 3 s: A is answered, B waits in
+    the admission queue; 2. the replica is replaced meanwhile (successor ready within a
+    second, the old one drains A); 3. B, admitted once A is done, goes to the successor
+    (routing reads the workers after the wait) and both are answered 200."""
+    gw = start([fake("q", max_in_flight=1, max_queue=4, env={"FAKE_ENGINE_REPLY_DELAY": "3"})])
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(chat, gw, "q")
+        time.sleep(0.3)
+        second = pool.submit(chat, gw, "q")
+        time.sleep(0.3)
+        assert admin(gw, "POST", "/admin/workers/q-0/replace").status_code == 202
+        answers = [first.result(), second.result()]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    successor = gw.worker("q-0.1")["pid"]
+    engine = psutil.Process(successor).children(recursive=True)[-1].pid
+    assert answers[1].json()["system_fingerprint"] == f"pid-{engine}"
