@@ -141,7 +141,9 @@ def prepare(
     slots = _place(new, result, held_gpus, file)
     for name in [*result.start, *result.replace, *result.scale]:
         result.slots[name] = [s for s in slots if s.model.name == name]
-    _refuse_unfit([s for group in result.slots.values() for s in group], file, new)
+    changing = [*result.replace, *result.stop, *result.scale]
+    freed = {gpu for name in changing for gpu in held_gpus.get(name, ())}
+    _refuse_unfit([s for group in result.slots.values() for s in group], file, new, freed)
     return new, result
 
 
@@ -163,9 +165,9 @@ def _place(
         raise ConfigError(file, [str(exc)]) from None
 
 
-def _refuse_unfit(slots: list[Slot], file: str, config: Config) -> None:
+def _refuse_unfit(slots: list[Slot], file: str, config: Config, freed: set[int]) -> None:
     if any(slot.gpus for slot in slots):
-        inventory = read_inventory()
+        inventory = as_if_freed(read_inventory(), freed)
     else:
         inventory = Inventory((), "none", "no model asks for GPUs")
     fits = check(slots, inventory, Path(file).parent, ADAPTERS)
@@ -177,6 +179,19 @@ def _refuse_unfit(slots: list[Slot], file: str, config: Config) -> None:
     ]
     if problems:
         raise ConfigError(file, problems)
+
+
+def as_if_freed(inventory: Inventory, gpus: set[int]) -> Inventory:
+    """`inventory` with `gpus` all free: the engines on them (of models being replaced or
+    stopped) are gone before a successor starts there (a successor that cannot start beside
+    them waits for them to stop)."""
+    return dataclasses.replace(
+        inventory,
+        gpus=tuple(
+            dataclasses.replace(gpu, free_bytes=gpu.total_bytes) if gpu.index in gpus else gpu
+            for gpu in inventory.gpus
+        ),
+    )
 
 
 def successor_id(worker_id: str, taken: set[str]) -> str:

@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
+from backends.gpus import Gpu, Inventory
 from gateway.config import Config
-from gateway.reload import diff, successor_id
+from gateway.reload import as_if_freed, diff, successor_id
 
 
 def config(*models: dict[str, Any], **gateway: Any) -> Config:
@@ -71,3 +72,11 @@ def test_a_successor_id_counts_generations_and_never_takes_one_in_use(
     old: str, taken: set[str], expected: str
 ) -> None:
     assert successor_id(old, taken) == expected
+
+
+def test_gpus_of_engines_being_replaced_count_as_free_for_the_fit_check() -> None:
+    """A successor on the GPUs its predecessor holds starts once that one stopped, so the
+    memory it holds now must not make the new file 'not fit'."""
+    inventory = Inventory((Gpu(0, "H100", 80, 5), Gpu(1, "H100", 80, 6)), "NVML")
+    freed = as_if_freed(inventory, {1})
+    assert [(g.index, g.free_bytes) for g in freed.gpus] == [(0, 5), (1, 80)]
