@@ -106,15 +106,19 @@ def _check_worker_ids(models: list[ModelSpec]) -> None:
 
 
 def _explicit_gpus(models: list[ModelSpec], gpu_count: int) -> dict[int, str]:
+    """GPU → the model given it. Models of one `exclusive` group may share GPUs: they take
+    turns (gateway/on_demand.py)."""
     owner: dict[int, str] = {}
+    group: dict[int, str | None] = {}
     for index, spec in enumerate(models):
         for position, gpu in enumerate(spec.gpus or []):
             path = f"models[{index}].gpus[{position}]"
             if gpu < 0 or gpu >= gpu_count:
                 raise PlacementError(path, f"GPU {gpu} does not exist ({_gpus_seen(gpu_count)})")
-            if gpu in owner:
+            if gpu in owner and (spec.exclusive is None or group[gpu] != spec.exclusive):
                 raise PlacementError(path, f"GPU {gpu} is already given to {owner[gpu]}")
             owner[gpu] = f"models[{index}] ({spec.name})"
+            group[gpu] = spec.exclusive
     return owner
 
 

@@ -4,6 +4,7 @@ The gateway's config file embeds these; the supervisor and the adapters read the
 need only one entry live here; checks across entries (names, GPU overlap) live in placement.
 """
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -103,6 +104,19 @@ class ModelSpec(BaseModel):
     # routing across replicas (the gateway's policies; see gateway/routing/)
     routing: Literal["least_outstanding", "prefix_affinity"] = "least_outstanding"
     prefix_chars: int = Field(512, ge=16, description="prefix affinity: characters keyed on")
+    # models on demand (the gateway starts and stops them; see gateway/on_demand.py)
+    start: Literal["always", "on_demand"] = Field(
+        "always", description="on_demand: start at the first request for it, stop when idle"
+    )
+    idle_stop: float | None = Field(
+        None, gt=0, description="on_demand: stop after this long without requests (600, 10m)"
+    )
+    exclusive: str | None = Field(
+        None, min_length=1, description="on_demand models of one group run one at a time"
+    )
+    idle_action: Literal["stop", "sleep"] = Field(
+        "stop", description="sleep: vLLM's sleep mode on GPU (--enable-sleep-mode) instead"
+    )
     # external backend only
     url: str | None = Field(None, pattern=r"^https?://", description="OpenAI base URL, e.g. .../v1")
     api_key: str | None = None
@@ -125,6 +139,17 @@ class ModelSpec(BaseModel):
     @property
     def needs_cpu_cores(self) -> bool:
         return self.runs_here and self.device == "cpu"
+
+    @field_validator("idle_stop", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        """`90`, `90s`, `10m` or `1h` → seconds."""
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+            if match is None:
+                raise ValueError("expected seconds or a duration such as 90s, 10m, 1h")
+            return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+        return value
 
     @field_validator("engine_args")
     @classmethod
@@ -207,6 +232,23 @@ class ModelSpec(BaseModel):
             )
         if self.gpus is not None:
             raise ValueError("gpus: lists one host's GPUs; a multi-node model gets them per host")
+        return self
+
+    @model_validator(mode="after")
+    def _check_on_demand(self) -> "ModelSpec":
+        if self.start == "always":
+            for key in ("idle_stop", "exclusive"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is for `start: on_demand` models")
+            if self.idle_action != "stop":
+                raise ValueError("idle_action is for `start: on_demand` models")
+        elif self.backend == "external":
+            raise ValueError("an external backend runs elsewhere: it cannot start on demand")
+        if self.idle_action == "sleep" and (self.backend != "vllm" or self.device != "cuda"):
+            raise ValueError(
+                "idle_action: sleep needs vLLM on GPU (its sleep mode frees GPU memory; "
+                "the CPU build has none): use idle_action: stop"
+            )
         return self
 
     @model_validator(mode="after")

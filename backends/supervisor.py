@@ -66,6 +66,9 @@ class WorkerState(StrEnum):
     READY = "ready"
     UNHEALTHY = "unhealthy"
     RESTARTING = "restarting"
+    DRAINING = "draining"  # out of rotation for good: its requests finish, then it stops
+    IDLE = "idle"  # start: on_demand, no engine now: one starts at the next request
+    SLEEPING = "sleeping"  # start: on_demand, its engine sleeps (vLLM sleep mode) until woken
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -109,6 +112,8 @@ class WorkerView:
     last_start_seconds: float | None
     in_flight: int
     last_error: tuple[str, ...]
+    replaces: str | None = None
+    replaced_by: str | None = None
 
 
 class Worker:
@@ -151,6 +156,9 @@ class Worker:
         self._ready_at: float | None = None  # when the current start became ready
         self._stopping = asyncio.Event()
         self._restart_requested = asyncio.Event()
+        self._is_retiring = False  # set by retire(): no state but DRAINING or STOPPED after
+        self.replaces: str | None = None  # the worker this one succeeds (a rolling replacement)
+        self.replaced_by: str | None = None  # the worker that succeeds this one
 
     @property
     def is_ready(self) -> bool:
@@ -198,6 +206,8 @@ class Worker:
             last_start_seconds=self.ready_seconds,
             in_flight=self.in_flight,
             last_error=tuple(self.last_error[-LAST_ERROR_LINES:]),
+            replaces=self.replaces,
+            replaced_by=self.replaced_by,
         )
 
     def start(self) -> None:
@@ -242,6 +252,56 @@ class Worker:
             self._socket_client = None
         self._set(WorkerState.STOPPED)
 
+    async def retire(self, drain_timeout: float) -> None:
+        """Leave rotation for good (DRAINING on the first await), let the requests in flight
+        finish for up to `drain_timeout` seconds, then stop(): STOPPED when this returns."""
+        self._is_retiring = True
+        self._set(WorkerState.DRAINING)
+        deadline = time.monotonic() + drain_timeout
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.in_flight:
+            log.warning("worker %s: drain timed out with %d in flight", self.id, self.in_flight)
+        await self.stop()
+
+    async def park(self) -> None:
+        """Stop the engine, yet stay startable (an on-demand model): IDLE on return, and
+        start() starts it again."""
+        if self._is_retiring:
+            return
+        await self.stop()
+        self._stopping.clear()
+        self._task = None
+        self._set(WorkerState.IDLE)
+
+    async def sleep(self) -> bool:
+        """Put a ready engine to sleep (vLLM `POST /sleep`, level 1: weights to CPU memory,
+        KV cache dropped): SLEEPING and out of rotation. False if the engine refused."""
+        if self.state is not WorkerState.READY or not await self._post_engine("/sleep?level=1"):
+            return False
+        self._set(WorkerState.SLEEPING)
+        return True
+
+    async def wake(self) -> bool:
+        """Wake a sleeping engine (vLLM `POST /wake_up`): READY again. False if it failed."""
+        if self.state is not WorkerState.SLEEPING or not await self._post_engine("/wake_up"):
+            return False
+        self._set(WorkerState.READY)
+        return True
+
+    async def _post_engine(self, path: str) -> bool:
+        assert self.launch is not None
+        root = self.launch.base_url.removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            resp = await self.client.post(root + path, headers=headers, timeout=300)
+        except httpx.HTTPError as exc:
+            log.error("worker %s: POST %s failed: %r", self.id, path, exc)
+            return False
+        if resp.status_code != 200:
+            log.error("worker %s: POST %s answered %d", self.id, path, resp.status_code)
+        return resp.status_code == 200
+
     def plan_launch(self) -> Launch:
         """Fresh ports and secret for the next start (a dead engine's ports may linger); for
         an engine on a Unix socket, the worker's socket path, cleared of a dead engine's file."""
@@ -263,6 +323,8 @@ class Worker:
         return adapter.launch(self.slot, self.port or 0, secret, self.side_ports, socket_path)
 
     def _set(self, state: WorkerState) -> None:
+        if self._is_retiring and state not in (WorkerState.DRAINING, WorkerState.STOPPED):
+            return  # its task may still see the engine recover; it stays out of rotation
         if state is self.state:
             return
         self.state = state
@@ -486,10 +548,14 @@ class Supervisor:
         hidden_env: frozenset[str] = frozenset(),
     ) -> None:
         self.state_dir = state_dir
+        self.hidden_env = hidden_env  # for workers added later too; a reload may change it
         ports = PortAllocator()
-        self.workers = [
-            Worker(s, ports, client, state_dir, on_change, timings, hidden_env) for s in slots
-        ]
+
+        def make(slot: Slot) -> Worker:
+            return Worker(slot, ports, client, state_dir, on_change, timings, self.hidden_env)
+
+        self._make = make
+        self.workers = [make(s) for s in slots]
 
     def by_model(self, name: str) -> list[Worker]:
         return [w for w in self.workers if w.model_name == name]
@@ -502,7 +568,7 @@ class Supervisor:
         if ended:
             log.warning("ended %d engine processes left by an earlier gateway", len(ended))
         for worker in self.workers:
-            worker.start()
+            self._launch(worker)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """True once every worker is ready; False if one failed or the timeout passed."""
@@ -516,5 +582,29 @@ class Supervisor:
                 return False
             await asyncio.sleep(0.2)
 
+    def add(self, slot: Slot, start: bool | None = None) -> Worker:
+        """A new worker for `slot`, supervised from now on: STARTING on return, or IDLE for
+        an on-demand model (`start` decides instead when given)."""
+        if self.get(slot.worker_id) is not None:
+            raise ValueError(f"worker id {slot.worker_id!r} is taken")
+        worker = self._make(slot)
+        self.workers.append(worker)
+        self._launch(worker, start)
+        return worker
+
+    def _launch(self, worker: Worker, start: bool | None = None) -> None:
+        if start is None:
+            start = worker.slot.model.start != "on_demand"
+        if start:
+            worker.start()
+        else:
+            worker.state = WorkerState.IDLE
+
+    async def retire(self, worker: Worker, drain_timeout: float) -> None:
+        """Drain and stop one worker (Worker.retire), then forget it."""
+        await worker.retire(drain_timeout)
+        if worker in self.workers:
+            self.workers.remove(worker)
+
     async def stop(self) -> None:
-        await asyncio.gather(*(worker.stop() for worker in self.workers))
+        await asyncio.gather(*(worker.stop() for worker in list(self.workers)))

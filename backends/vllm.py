@@ -56,9 +56,13 @@ class VllmAdapter:
         args = dict(spec.engine_args)
         if spec.ranks > 1 and spec.device == "cpu":
             args.setdefault("distributed-executor-backend", "mp")
+        env: dict[str, str] = {}
+        if spec.idle_action == "sleep":
+            args.setdefault("enable-sleep-mode", True)
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up are "dev" routes
         argv += engine_flags(args)
         # The key travels in the environment: argv is world-readable in `ps`.
-        env = {"VLLM_API_KEY": api_key}
+        env["VLLM_API_KEY"] = api_key
         if spec.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(slot.cpu_ranks) or "auto"

@@ -33,6 +33,10 @@ MAX_LOG_LINES = 5000
 
 class AdminAuth:
     def __init__(self, admin_keys: list[str], api_keys: Tenancy) -> None:
+        self.update(admin_keys, api_keys)
+
+    def update(self, admin_keys: list[str], api_keys: Tenancy) -> None:
+        """New keys, e.g. after a reload."""
         self.admin_keys = KeyRing(admin_keys)
         self.api_keys = api_keys
 
@@ -125,6 +129,8 @@ def describe(worker: WorkerView) -> dict[str, Any]:
         "last_start_seconds": worker.last_start_seconds,
         "in_flight": worker.in_flight,
         "last_error": list(worker.last_error),
+        "replaces": worker.replaces,  # a rolling replacement: the worker this one succeeds
+        "replaced_by": worker.replaced_by,
         "log": f"/admin/workers/{worker.id}/log",
     }
 

@@ -20,13 +20,14 @@ from backends.ports import PortAllocator
 from backends.sockets import WorkerSocket
 from backends.statedir import StateDirError, claim
 from backends.supervisor import Supervisor, Timings
-from gateway import __version__, keys_cli, plan, render, status
+from gateway import __version__, changes_cli, keys_cli, plan, render, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
 from gateway.connections import connection_cap, guarded_protocol, raise_fd_limit
 from gateway.logs import setup_logging
 from gateway.progress import Progress
 from gateway.proxy import Proxy
+from gateway.rollout import Busy, Rollout
 
 log = logging.getLogger("enginegate")
 
@@ -42,12 +43,25 @@ def main(argv: list[str] | None = None) -> None:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("-c", "--config", default="enginegate.yaml", help="config file")
         plan.add_selection(sub)
+        if name == "check":
+            sub.add_argument(
+                "--reload",
+                action="store_true",
+                help="show what reloading the file would change in the running gateway",
+            )
     plan.add_arguments(commands.add_parser("plan", help="GPUs per replica and whether it fits"))
     status.add_arguments(commands.add_parser("status", help="a running gateway's workers"))
     render.add_arguments(commands.add_parser("render", help="the config as Kubernetes manifests"))
     keys_cli.add_arguments(
         commands.add_parser("keys", help="API keys in the store: create, list, show, ..."),
         commands.add_parser("usage", help="tokens and requests per key and model"),
+    )
+    changes_cli.add_arguments(
+        commands.add_parser("reload", help="apply the config file's changes to the running gateway")
+    )
+    changes_cli.add_arguments(
+        commands.add_parser("restart", help="replace a model's workers (or one), one by one"),
+        "name",
     )
     args = parser.parse_args(argv)
     if args.command == "render":
@@ -56,6 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(keys_cli.run_keys(args) if args.command == "keys" else keys_cli.run_usage(args))
     if args.command == "status":
         sys.exit(status.run(args))
+    if args.command == "reload":
+        sys.exit(changes_cli.run_reload(args))
+    if args.command == "restart":
+        sys.exit(changes_cli.run_restart(args))
+    if args.command == "check" and args.reload:
+        args.url = args.admin_key = None
+        args.timeout = 60.0
+        sys.exit(changes_cli.run_reload(args, dry_run=True))
     if args.command == "plan":
         sys.exit(plan.run(args))
     try:
@@ -105,10 +127,23 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
     # should end the process with status 0, not a signal death, so it lands on a no-op.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
+    # The same way for SIGHUP: the handler only schedules the reload on the loop.
+    loop, rollout = asyncio.get_running_loop(), app.state.rollout
+    signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(handle_sighup, rollout))
     try:
         await server.serve()
     finally:
         shown.cancel()
+
+
+def handle_sighup(rollout: Rollout) -> None:
+    """Reload the config file; the outcome goes to the log (a signal has no one to answer)."""
+    try:
+        plan = rollout.reload()
+    except (ConfigError, Busy) as exc:
+        log.error("SIGHUP: reload refused, nothing changed: %s", exc)
+        return
+    log.info("SIGHUP: reloading:\n%s", plan.describe())
 
 
 class DrainingServer(uvicorn.Server):

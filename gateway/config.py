@@ -179,6 +179,11 @@ class Config(BaseModel):
     cluster: ClusterSpec | None = Field(None, description="a Ray cluster: `enginegate plan` only")
     # Environment variables the file read secrets from: engines are started without them.
     _secret_env: frozenset[str] = PrivateAttr(default=frozenset())
+    _path: Path | None = PrivateAttr(default=None)  # the file it was read from
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
 
     @property
     def secret_env(self) -> frozenset[str]:
@@ -213,6 +218,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         raise ConfigError(file, problems)
     secrets = {name for name, path in read if _is_secret(path)}
     config._secret_env = frozenset(secrets)
+    config._path = Path(path).resolve()
     return config
 
 

@@ -13,6 +13,7 @@ its one exit.
 """
 
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class Proxy:
     # Models whose engine schedules by the request's `priority` (vLLM's
     # --scheduling-policy priority): it is set from the key's priority class.
     priority_models: frozenset[str] = frozenset()
+    # What to await before routing to a model that runs on demand (None: nothing).
+    waiter: Callable[[str], Coroutine[Any, Any, None] | None] | None = None
 
     @property
     def pending(self) -> int:
@@ -90,8 +93,7 @@ class Proxy:
         if not isinstance(model, str) or not model:
             raise BadRequest("`model` is required: the name of a configured model", "model")
         name = self.aliases.get(model, model)  # an alias is answered as itself (Call.reply_as)
-        workers = self.supervisor.by_model(name)
-        if not workers:
+        if not self.supervisor.by_model(name):
             names = {w.model_name for w in self.supervisor.workers} | self.aliases.keys()
             available = ", ".join(sorted(n for n in names if key.allows(n)))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
@@ -114,7 +116,7 @@ class Proxy:
         with call:
             call.watch(request.receive)  # the body is read: what comes next can only be goodbye
             try:
-                response = await self._answer(call, request, workers, path)
+                response = await self._answer(call, request, path)
             except GatewayError as exc:
                 call.status = exc.status
                 response = exc.response()
@@ -132,9 +134,12 @@ class Proxy:
             self.metrics.child(self.metrics.requests, name, str(exc.status), key.name).inc()
             raise
 
-    async def _answer(
-        self, call: Call, request: Request, workers: list[Worker], path: str
-    ) -> Response | Relay:
+    async def _answer(self, call: Call, request: Request, path: str) -> Response | Relay:
+        waiting = self.waiter(call.model) if self.waiter is not None else None
+        if waiting is not None:
+            await call.unless_client_leaves(waiting)
+        # Read after admission and any wait: a rolling replacement may have changed them.
+        workers = self.supervisor.by_model(call.model)
         upstream = await self._send(call, request, workers, path)
         if upstream.status >= 400:
             return await self._error_response(call, upstream)

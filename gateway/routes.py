@@ -55,11 +55,13 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 when every model has a ready replica, else 503; the body says which are not."""
+    """200 when every model has a ready replica, else 503; the body says which are not.
+    A model that starts on demand counts as ready: its engine starts with a request."""
     gateway = _gateway(request)
     models = {
         m.name: sum(w.is_ready for w in gateway.supervisor.by_model(m.name))
         for m in gateway.config.models
+        if m.start != "on_demand"
     }
     is_ready = all(models.values()) and not gateway.proxy.is_draining
     body = {

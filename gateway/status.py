@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             if resp.status_code in (401, 403)
             else ""
         )
-        return _fail(f"{url}/admin/status answered {resp.status_code}: {_message(resp)}{hint}")
+        return _fail(f"{url}/admin/status answered {resp.status_code}: {message(resp)}{hint}")
     print(render(resp.json(), url))
     return 0
 
@@ -106,7 +106,7 @@ def render(status: dict[str, Any], url: str) -> str:
         [
             w["id"],
             w["model"],
-            w["state"],
+            _state(w),
             w["devices"],
             _where(w),
             _dash(w["pid"]),
@@ -181,6 +181,12 @@ def _count(totals: dict[str, dict[str, float]], key: str, model: str) -> int:
     return int(totals.get(key, {}).get(model, 0))
 
 
+def _state(worker: dict[str, Any]) -> str:
+    """`draining -> tiny-0.1` for a worker being replaced."""
+    successor = worker.get("replaced_by")
+    return f"{worker['state']} -> {successor}" if successor else str(worker["state"])
+
+
 def _dash(value: Any) -> Any:
     return "-" if value is None else value
 
@@ -190,7 +196,7 @@ def _where(worker: dict[str, Any]) -> Any:
     return "unix" if worker["port"] is None and worker.get("socket") else _dash(worker["port"])
 
 
-def _message(resp: httpx.Response) -> str:
+def message(resp: httpx.Response) -> str:
     try:
         return str(resp.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):

@@ -224,6 +224,11 @@ class Tenancy:
             log.error("usage: %d rows could not be written at shutdown", len(self.usage.waiting))
         await asyncio.to_thread(self.store.close)
 
+    def set_config_keys(self, keys: list[KeyRecord], allow_open: bool) -> None:
+        """The config file's keys after a reload; the store's keys stay as they are."""
+        self.config_keys, self.allow_open = keys, allow_open
+        self._load([key for key in self.by_name.values() if key.source == "store"])
+
     def _load(self, stored: list[KeyRecord]) -> None:
         names = {key.name for key in self.config_keys}
         shadowed = [key.name for key in stored if key.name in names]

@@ -45,6 +45,12 @@ class Upstream:
         )
         self._sessions: dict[str | None, aiohttp.ClientSession] = {}  # by socket path, None: TCP
 
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """For the requests from now on (a reload); sessions open already follow too."""
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
+
     async def post(
         self,
         worker_id: str,
@@ -57,7 +63,9 @@ class Upstream:
         With `socket_path`, the request goes through that Unix socket (`url` gives the path)."""
         session = self._session(socket_path)
         try:
-            response = await session.post(url, data=body, headers=HEADERS | headers)
+            response = await session.post(
+                url, data=body, headers=HEADERS | headers, timeout=self._timeout
+            )
         except FAILURES as exc:
             where = f"{url} via {socket_path}" if socket_path else url
             log.warning("worker %s at %s: %s: %s", worker_id, where, type(exc).__name__, exc)

@@ -14,6 +14,9 @@ environment (a model's `env:` sets them):
     FAKE_ENGINE_FAIL_UNLESS=PATH  exit 3 at once unless PATH exists (a crash loop until fixed)
     FAKE_ENGINE_HEALTH=STATUS     answer /health and /ready with STATUS (503: still starting;
                                   401: SGLang 0.5.17's answer to /ready behind its key)
+    FAKE_ENGINE_REPLY_DELAY=S     wait S seconds before answering POST /v1/chat/completions
+                                  or /v1/completions (a canned, non-streamed answer that names
+                                  this process's pid in `system_fingerprint`)
 
 Only the standard library, so it starts in a few tens of milliseconds.
 """
@@ -51,6 +54,7 @@ def main() -> None:
     models = env.get("FAKE_ENGINE_MODELS", json.dumps(listed)).encode()
     key = env.get("VLLM_API_KEY") or args.api_key
     health = int(env.get("FAKE_ENGINE_HEALTH", "200"))
+    delay = float(env.get("FAKE_ENGINE_REPLY_DELAY", "0"))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -64,6 +68,26 @@ def main() -> None:
                 self._answer(200, models)
             else:
                 self._answer(404, b"{}")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if key and self.headers.get("Authorization") != f"Bearer {key}":
+                self._answer(401, b'{"error": "bad key"}')
+                return
+            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                self._answer(404, b"{}")
+                return
+            time.sleep(delay)
+            message = {"role": "assistant", "content": "fake"}
+            answer = {
+                "id": "fake-1",
+                "object": "chat.completion",
+                "model": args.served_model_name,
+                "system_fingerprint": f"pid-{os.getpid()}",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+            self._answer(200, json.dumps(answer).encode())
 
         def _answer(self, status: int, body: bytes, kind: str = "application/json") -> None:
             self.send_response(status)

@@ -115,3 +115,11 @@ def test_a_missing_config_file_says_so(tmp_path, capsys) -> None:
         main(["status", "-c", str(tmp_path / "nope.yaml")])
     assert exited.value.code == 1
     assert "nope.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_a_worker_being_replaced_names_its_successor() -> None:
+    old = {**STATUS["workers"][0], "state": "draining", "replaced_by": "tiny-0.1"}
+    new = {**STATUS["workers"][0], "id": "tiny-0.1", "state": "ready", "replaces": "tiny-0"}
+    lines = render({**STATUS, "workers": [old, new]}, "http://gw").splitlines()
+    (row,) = [line for line in lines if line.startswith("tiny-0 ")]
+    assert "draining -> tiny-0.1" in row
