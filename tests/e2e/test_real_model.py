@@ -150,14 +150,15 @@ def test_langchain_chat_openai_answers_paris(gw):
 
 
 def test_two_turns_keep_the_context(sdk):
-    """1. Ask for Italy's capital; 2. with that exchange before it, "And of France?" is answered
-    with Paris; 3. the same words alone are not, so the answer came from the context."""
-    first = [{"role": "user", "content": "What is the capital of Italy?"}]
-    rome = ask(sdk, first)
-    assert "Rome" in rome
+    """1. Ask for Germany's capital; 2. with that exchange before it, "And of France?" is
+    answered with Paris; 3. the same words alone are not, so the answer came from the context.
+    (Italy, in float32, gets "Il Coriobella": this 4-bit model knows some capitals only.)"""
+    first = [{"role": "user", "content": "What is the capital of Germany?"}]
+    berlin = ask(sdk, first)
+    assert "Berlin" in berlin
 
     follow_up = {"role": "user", "content": "And of France?"}
-    in_context = ask(sdk, [*first, {"role": "assistant", "content": rome}, follow_up])
+    in_context = ask(sdk, [*first, {"role": "assistant", "content": berlin}, follow_up])
     alone = ask(sdk, [follow_up])
     assert "Paris" in in_context
     assert "Paris" not in alone
