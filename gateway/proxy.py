@@ -12,16 +12,19 @@ From admission on, the request belongs to its Call (call.py), and `with call:` i
 its one exit.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Send
 
 from backends.supervisor import Supervisor, Worker
 from gateway.call import Call
+from gateway.engine_api import EngineRoute, check_served
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -31,14 +34,15 @@ from gateway.errors import (
     UpstreamError,
     UpstreamFailed,
     error_body,
-    from_upstream,
 )
 from gateway.limits import Admission
 from gateway.metrics import Metrics
+from gateway.pins import ResponsePins
 from gateway.relay import Relay
 from gateway.request import dumps, parse, read_body
 from gateway.routing import RoutingPolicy
 from gateway.sse import complete_history, rewrite_json
+from gateway.typed_sse import TypedEventReader, chat_usage
 from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
@@ -60,22 +64,56 @@ class Proxy:
     send_timeout: float = 60  # seconds one send to a client that does not read may wait
     is_draining: bool = False  # set on SIGTERM: new requests get 503, in-flight ones finish
     aliases: dict[str, str] = field(default_factory=dict)  # alias → the model it names
+    pins: ResponsePins = field(default_factory=ResponsePins)  # stored response → its replica
 
     @property
     def pending(self) -> int:
         """Requests admitted or waiting, over every model."""
         return sum(a.in_flight + a.queued for a in self.admissions.values())
 
-    async def serve(self, request: Request, send: Send, path: str, principal: str) -> None:
-        """Answer an OpenAI request by POSTing its body to `path` under a replica's /v1.
+    async def serve(
+        self,
+        request: Request,
+        send: Send,
+        route: EngineRoute,
+        principal: str,
+        response_id: str | None = None,
+    ) -> None:
+        """Answer a request on `route` at a replica of the body's model, or, for a stored
+        response's routes (`response_id`), at the replica that stored it.
 
         Raises GatewayError only before admission, when nothing has been sent; from admission
         on, errors are answered here and every request is counted.
         """
         if self.is_draining:
             raise ShuttingDown("the gateway is shutting down; retry on another instance")
-        raw = await read_body(request, self.max_body_bytes)
-        body = parse(raw)
+        if response_id is None:
+            raw = await read_body(request, self.max_body_bytes)
+            body = parse(raw)
+            name, workers = self._replicas(route, body)
+        else:
+            worker = self.pins.replica(response_id, self.supervisor)
+            check_served(route.api, worker.model_name, worker.slot.model.backend)
+            is_stream = request.query_params.get("stream") == "true"
+            raw, body = b"", {"model": worker.model_name, "stream": is_stream}
+            name, workers = worker.model_name, [worker]
+        if route.api is None and complete_history(body):
+            raw = dumps(body)
+        call = Call(self.metrics, self.admissions[name], name, principal, raw, body)
+        # Typed streams carry usage in their own events: nothing to ask for, nothing to drop.
+        call.wants_usage = call.wants_usage or route.has_typed_events
+        await call.admit()
+        with call:
+            call.watch(request.receive)  # the body is read: what comes next can only be goodbye
+            try:
+                response = await self._answer(call, request, workers, route)
+            except GatewayError as exc:
+                call.status = exc.status
+                response = route.error_response(exc)
+            await response(request.scope, request.receive, send)
+
+    def _replicas(self, route: EngineRoute, body: dict[str, Any]) -> tuple[str, list[Worker]]:
+        """The model the body names, and the replicas that may answer it."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("`model` is required: the name of a configured model", "model")
@@ -85,31 +123,39 @@ class Proxy:
             names = {w.model_name for w in self.supervisor.workers} | self.aliases.keys()
             available = ", ".join(sorted(names))
             raise UnknownModel(f"model `{model}` does not exist; available: {available}", "model")
-        if complete_history(body):
-            raw = dumps(body)
-        call = Call(self.metrics, self.admissions[name], name, principal, raw, body)
-        await call.admit()
-        with call:
-            call.watch(request.receive)  # the body is read: what comes next can only be goodbye
-            try:
-                response = await self._answer(call, request, workers, path)
-            except GatewayError as exc:
-                call.status = exc.status
-                response = exc.response()
-            await response(request.scope, request.receive, send)
+        backend = workers[0].slot.model.backend
+        check_served(route.api, name, backend)
+        previous = body.get("previous_response_id") if route.api == "responses" else None
+        if previous is None:
+            return name, workers
+        if not isinstance(previous, str):
+            raise BadRequest("`previous_response_id` must be a string", "previous_response_id")
+        check_served("stored_responses", name, backend)
+        worker = self.pins.replica(previous, self.supervisor)
+        if worker.model_name != name:
+            message = f"response `{previous}` was made by `{worker.model_name}`, not `{model}`"
+            raise BadRequest(message, "previous_response_id")
+        return name, [worker]
 
     async def _answer(
-        self, call: Call, request: Request, workers: list[Worker], path: str
+        self, call: Call, request: Request, workers: list[Worker], route: EngineRoute
     ) -> Response | Relay:
-        upstream = await self._send(call, request, workers, path)
+        upstream = await self._send(call, request, workers, route)
         if upstream.status >= 400:
-            return await self._error_response(call, upstream)
+            return await self._error_response(call, upstream, route)
         if not call.is_stream:
-            return await self._whole_response(call, upstream)
-        return Relay(call, upstream, self.send_timeout)
+            return await self._whole_response(call, upstream, route)
+        if not route.has_typed_events:
+            return Relay(call, upstream, self.send_timeout)
+        worker = call.worker
+        pin = None
+        if route.api == "responses" and worker is not None:
+            pin = partial(self.pins.remember, worker=worker)
+        reader = TypedEventReader(pin, counts_usage=route.has_body)
+        return Relay(call, upstream, self.send_timeout, reader, route.error_event)
 
     async def _send(
-        self, call: Call, request: Request, workers: list[Worker], path: str
+        self, call: Call, request: Request, workers: list[Worker], route: EngineRoute
     ) -> UpstreamResponse:
         """Send to a ready replica, trying others on failures that happened before any output."""
         tried: set[str] = set()
@@ -126,7 +172,8 @@ class Proxy:
             tried.add(worker.id)
             call.lease(worker)
             try:
-                upstream = await call.unless_client_leaves(self._open(worker, path, raw, body))
+                opening = self._open(worker, route, request, raw, body)
+                upstream = await call.unless_client_leaves(opening)
             except UpstreamError as exc:
                 if not exc.may_retry:
                     raise
@@ -143,17 +190,28 @@ class Proxy:
         raise last_error
 
     async def _open(
-        self, worker: Worker, path: str, raw: bytes, body: dict[str, Any]
+        self,
+        worker: Worker,
+        route: EngineRoute,
+        request: Request,
+        raw: bytes,
+        body: dict[str, Any],
     ) -> UpstreamResponse:
-        if worker.upstream_model != body["model"]:
-            raw = dumps({**body, "model": worker.upstream_model})
-        headers = {"content-type": "application/json"}
+        headers = route.forwarded(request.headers)
+        if route.has_body:
+            headers["content-type"] = "application/json"
+            if worker.upstream_model != body["model"]:
+                raw = dumps({**body, "model": worker.upstream_model})
         if worker.api_key:
             headers["authorization"] = f"Bearer {worker.api_key}"
-        url = worker.base_url + path
-        return await self.upstream.post(worker.id, url, raw, headers, worker.socket_path)
+        url = route.url(worker.base_url, "" if route.has_body else request.url.query)
+        return await self.upstream.post(
+            worker.id, url, raw, headers, worker.socket_path, method=route.method
+        )
 
-    async def _error_response(self, call: Call, upstream: UpstreamResponse) -> Response:
+    async def _error_response(
+        self, call: Call, upstream: UpstreamResponse, route: EngineRoute
+    ) -> Response:
         try:
             content = await upstream.read(MAX_ERROR_BYTES)
         except UpstreamError:
@@ -164,9 +222,11 @@ class Proxy:
             message = f"worker {upstream.worker_id} refused the gateway's credentials"
             status, content = 502, dumps(error_body(message, "upstream_error"))
         call.status = status
-        return JSONResponse(from_upstream(status, content), status)
+        return route.upstream_error(status, content)
 
-    async def _whole_response(self, call: Call, upstream: UpstreamResponse) -> Response:
+    async def _whole_response(
+        self, call: Call, upstream: UpstreamResponse, route: EngineRoute
+    ) -> Response:
         content = await upstream.read(MAX_ANSWER_BYTES)
         try:
             content, usage = rewrite_json(content, call.reply_as, call.splits_tags)
@@ -175,7 +235,21 @@ class Proxy:
             raise UpstreamFailed(
                 f"worker {upstream.worker_id} sent an answer the gateway could not read"
             ) from None
-        call.add_usage(usage)
+        if route.has_body:  # not a stored response fetched again: its tokens were counted
+            call.add_usage(chat_usage(usage))
+        if route.api == "responses" and call.worker is not None:
+            response_id = _response_id(content)
+            if response_id is not None:
+                self.pins.remember(response_id, call.worker)
         call.status = upstream.status
         media_type = upstream.headers.get("content-type", "application/json")
         return Response(content, status_code=upstream.status, media_type=media_type)
+
+
+def _response_id(content: bytes) -> str | None:
+    try:
+        obj = json.loads(content)
+    except ValueError:
+        return None
+    response_id = obj.get("id") if isinstance(obj, dict) else None
+    return response_id if isinstance(response_id, str) else None
