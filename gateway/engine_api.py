@@ -7,7 +7,8 @@
     /v1/responses                 /responses                 typed events, pinned (pins.py)
     GET  /v1/responses/{id}       /responses/{id}            to the replica that stored it
     POST /v1/responses/{id}/cancel
-    /v1/messages                  /messages                  Anthropic's errors and key header
+    /v1/messages                  /messages                  Anthropic's errors and key header;
+                                  else /chat/completions     translated (anthropic_chat.py)
     /v1/messages/count_tokens     /messages/count_tokens     Anthropic's errors and key header
     /v1/rerank, /v1/score         /rerank, /score
     /tokenize, /detokenize        root /tokenize, /detokenize (vLLM has them only there)
@@ -39,6 +40,8 @@ class EngineRoute:
     has_typed_events: bool = False  # streams of `event:` lines that carry their own usage
     method: str = "POST"
     has_body: bool = True  # False: the request names no model (a stored response's routes)
+    # The route asked instead when the engine answers 404 or 405 (anthropic_chat.py).
+    translates_to: "EngineRoute | None" = None
 
     def url(self, base_url: str, query: str = "") -> str:
         base = base_url.removesuffix("/v1") if self.at_root else base_url
@@ -70,12 +73,15 @@ class EngineRoute:
         return error_event(message)
 
 
+CHAT = EngineRoute("/chat/completions")
 ROUTES: dict[str, EngineRoute] = {
-    "/v1/chat/completions": EngineRoute("/chat/completions"),
+    "/v1/chat/completions": CHAT,
     "/v1/completions": EngineRoute("/completions"),
     "/v1/embeddings": EngineRoute("/embeddings"),
     "/v1/responses": EngineRoute("/responses", "responses", has_typed_events=True),
-    "/v1/messages": EngineRoute("/messages", "messages", is_anthropic=True, has_typed_events=True),
+    "/v1/messages": EngineRoute(
+        "/messages", "messages", is_anthropic=True, has_typed_events=True, translates_to=CHAT
+    ),
     "/v1/messages/count_tokens": EngineRoute(
         "/messages/count_tokens", "messages", is_anthropic=True
     ),

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from backends.supervisor import Supervisor, Worker
+from gateway import anthropic_chat
 from gateway.call import Call
 from gateway.engine_api import EngineRoute, check_served
 from gateway.errors import (
@@ -42,13 +43,14 @@ from gateway.relay import Relay
 from gateway.request import dumps, parse, read_body
 from gateway.routing import RoutingPolicy
 from gateway.sse import complete_history, rewrite_json
-from gateway.typed_sse import TypedEventReader, chat_usage
+from gateway.typed_sse import StreamReader, TypedEventReader, chat_usage
 from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
 
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
+LACKS_ROUTE = frozenset({404, 405})  # an engine without a route (translates_to applies)
 MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a whole (non-stream) answer; larger ones are a 502
 MAX_ERROR_BYTES = 64 * 1024  # an engine's error body; a larger one is replaced by its status
 
@@ -141,18 +143,40 @@ class Proxy:
         self, call: Call, request: Request, workers: list[Worker], route: EngineRoute
     ) -> Response | Relay:
         upstream = await self._send(call, request, workers, route)
+        is_translated = route.translates_to is not None and upstream.status in LACKS_ROUTE
+        if is_translated:
+            upstream = await self._translated(call, request, route)
         if upstream.status >= 400:
             return await self._error_response(call, upstream, route)
         if not call.is_stream:
-            return await self._whole_response(call, upstream, route)
-        if not route.has_typed_events:
-            return Relay(call, upstream, self.send_timeout)
-        worker = call.worker
-        pin = None
-        if route.api == "responses" and worker is not None:
-            pin = partial(self.pins.remember, worker=worker)
-        reader = TypedEventReader(pin, counts_usage=route.has_body)
+            answer = await self._whole_response(call, upstream, route)
+            if is_translated:
+                return anthropic_chat.message_response(answer, call.reply_as)
+            return answer
+        reader = self._reader(call, route, is_translated)
         return Relay(call, upstream, self.send_timeout, reader, route.error_event)
+
+    def _reader(self, call: Call, route: EngineRoute, is_translated: bool) -> StreamReader | None:
+        """What a stream goes through; None: the chat rewriter (sse.py)."""
+        if is_translated:
+            return anthropic_chat.MessagesStream(call.reply_as)
+        if not route.has_typed_events:
+            return None
+        pin = None
+        if route.api == "responses" and call.worker is not None:
+            pin = partial(self.pins.remember, worker=call.worker)  # a stored response's replica
+        return TypedEventReader(pin, counts_usage=route.has_body)
+
+    async def _translated(
+        self, call: Call, request: Request, route: EngineRoute
+    ) -> UpstreamResponse:
+        """The engine lacks `route` (an external server that speaks only chat): ask the same
+        replica's chat completions, translated (anthropic_chat.py)."""
+        assert call.worker is not None and route.translates_to is not None
+        log.info("worker %s has no %s: translated to chat", call.worker.id, route.path)
+        call.body = anthropic_chat.chat_request(call.body)
+        call.raw = dumps(call.body)
+        return await self._send(call, request, [call.worker], route.translates_to)
 
     async def _send(
         self, call: Call, request: Request, workers: list[Worker], route: EngineRoute

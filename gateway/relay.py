@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.call import Call
 from gateway.errors import ClientGone, UpstreamError
 from gateway.sse import EventRewriter, error_event
-from gateway.typed_sse import TypedEventReader
+from gateway.typed_sse import StreamReader
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
@@ -44,10 +44,11 @@ class Relay:
         call: Call,
         upstream: UpstreamResponse,
         send_timeout: float,
-        reader: TypedEventReader | None = None,
+        reader: StreamReader | None = None,
         end_with: Callable[[str], bytes] = error_event,
     ) -> None:
-        """`reader`: for streams of typed events (typed_sse.py), instead of the chat rewriter;
+        """`reader`: instead of the chat rewriter, for typed events (typed_sse.py) or a
+        translation (anthropic_chat.py);
         `end_with`: the error event that ends a stream which failed."""
         self.call = call
         self.upstream = upstream
@@ -60,7 +61,7 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
-        rewriter = self.reader or EventRewriter(
+        rewriter: StreamReader = self.reader or EventRewriter(
             call.reply_as, strip_usage=not call.wants_usage, split_tags=call.splits_tags
         )
         call.on_client_gone(self.upstream.close)  # the engine sees the connection close
@@ -78,7 +79,7 @@ class Relay:
         finally:
             call.add_usage(rewriter.usage)
 
-    async def _relay(self, rewriter: EventRewriter | TypedEventReader, out: "TimedSend") -> int:
+    async def _relay(self, rewriter: StreamReader, out: "TimedSend") -> int:
         """Relay until the stream ends; the status to count it as."""
         call, upstream = self.call, self.upstream
         try:

@@ -16,7 +16,7 @@ metrics count. The reader has EventRewriter's interface (sse.py), so relay.py ta
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.sse import MAX_EVENT_BYTES
 
@@ -24,6 +24,22 @@ EVENT_END = re.compile(rb"\n\n|\r\n\r\n")  # the blank line that ends an event, 
 RESPONSE_ENDS = (b"response.completed", b"response.incomplete", b"response.failed")
 READ = (b"response.created", *RESPONSE_ENDS, b"message_start", b"message_delta")
 ENDS = (*RESPONSE_ENDS, b"message_stop")
+
+
+class StreamReader(Protocol):
+    """What relay.py feeds a stream through: sse.EventRewriter, TypedEventReader and
+    anthropic_chat.MessagesStream."""
+
+    is_done: bool  # the answer is whole
+    failure: str | None  # why the stream cannot go on
+    error: Exception | None  # what was raised, for the log
+
+    @property
+    def usage(self) -> dict[str, Any] | None: ...
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
 
 
 def chat_usage(usage: Any) -> dict[str, Any] | None:

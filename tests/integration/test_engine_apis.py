@@ -19,6 +19,8 @@ import pytest
 from fakes.gateway_process import GatewayProcess
 from fakes.metrics import sample_values
 
+from .servers import Spawner, start_upstream, wait_upstream
+
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "engine.py"
 KEY = "sk-engine-apis-test"
 TOKEN = "metrics-engine-apis"
@@ -27,7 +29,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """1. Two fake vLLM replicas of `fake`; 2. the gateway in front; 3. wait for /ready."""
+    """1. Two fake vLLM replicas of `fake`, and `chat-only`: an external server that has no
+    /v1/messages (the scripted upstream); 2. the gateway in front; 3. wait for /ready."""
+    tmp = tmp_path_factory.mktemp("engine-apis")
+    spawner = Spawner(tmp / "logs")
+    upstream = start_upstream(spawner, "chat-only", "--model", "chat-only", "--interval", "0")
+    chat_only = {"name": "chat-only", "backend": "external", "url": upstream.url}
     model = {
         "name": "fake",
         "backend": "vllm",
@@ -38,19 +45,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         "command": [sys.executable, str(FAKE_ENGINE)],
         "startup_timeout": 20,
     }
-    gw = GatewayProcess(
-        tmp_path_factory.mktemp("engine-apis"),
-        [model],
-        api_key=KEY,
-        metrics_token=TOKEN,
-        stop_grace=2,
-    )
-    gw.start()
+    gw = GatewayProcess(tmp, [model, chat_only], api_key=KEY, metrics_token=TOKEN, stop_grace=2)
     try:
+        wait_upstream(spawner, upstream)
+        gw.start()
         gw.wait_ready(timeout=60)
         yield gw
     finally:
         gw.stop()
+        spawner.stop_all()
 
 
 @pytest.fixture
@@ -69,9 +72,9 @@ def events(raw: bytes) -> list[tuple[str, dict]]:
     return out
 
 
-def tokens(http: httpx.Client, kind: str) -> float:
+def tokens(http: httpx.Client, kind: str, model: str = "fake") -> float:
     page = http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
-    return sum(sample_values(page, "enginegate_tokens_total", model="fake", kind=kind))
+    return sum(sample_values(page, "enginegate_tokens_total", model=model, kind=kind))
 
 
 def test_responses_are_fetched_cancelled_and_continued_on_the_replica_that_stored_them(
@@ -221,3 +224,43 @@ def test_a_response_whose_replica_restarted_is_gone(
         assert answer.status_code == 404, answer.text
         assert answer.json()["error"]["code"] == "response_not_found"
         assert "restarted since" in answer.json()["error"]["message"]
+
+
+def test_messages_are_translated_for_an_engine_without_them(http: httpx.Client) -> None:
+    """The scripted upstream answers /v1/messages 404 and chat with `tok0 tok1 ...`."""
+    body = {"model": "chat-only", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    answer = http.post("/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    assert got["type"] == "message" and got["model"] == "chat-only"
+    assert got["content"] == [{"type": "text", "text": "tok0 tok1 tok2 "}]
+    assert got["stop_reason"] == "max_tokens"
+    assert got["usage"] == {"input_tokens": 1, "output_tokens": 3}
+
+
+def test_a_translated_stream_has_anthropics_event_sequence(http: httpx.Client) -> None:
+    before = tokens(http, "completion", "chat-only")
+    body = {"model": "chat-only", "max_tokens": 2, "stream": True, "messages": []}
+    answer = http.post("/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert answer.status_code == 200, answer.text
+    got = events(answer.content)
+    assert [name for name, _ in got] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert "".join(data["delta"]["text"] for name, data in got[2:4]) == "tok0 tok1 "
+    assert got[-2][1]["usage"] == {"input_tokens": 1, "output_tokens": 2}
+    assert tokens(http, "completion", "chat-only") == before + 2
+
+
+def test_count_tokens_is_not_translated(http: httpx.Client) -> None:
+    body = {"model": "chat-only", "messages": []}
+    answer = http.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": KEY})
+    assert answer.status_code == 404
+    assert answer.json()["type"] == "error"
+    assert answer.json()["error"]["type"] == "not_found_error"
