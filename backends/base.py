@@ -15,6 +15,17 @@ from typing import Protocol
 from backends.memory import Budget, Estimate
 from backends.spec import EngineArg, ModelSpec
 
+# The APIs beyond chat completions, completions and embeddings (which every engine is sent)
+# that an engine may serve itself; gateway/engine_api.py routes each to the engines that have it.
+#   responses         POST /v1/responses
+#   stored_responses  GET /v1/responses/{id}, POST /v1/responses/{id}/cancel, previous_response_id
+#   messages          POST /v1/messages and /v1/messages/count_tokens (Anthropic's)
+#   rerank, score     POST /v1/rerank, /v1/score
+#   tokenize          POST /tokenize, /detokenize
+ENGINE_APIS = frozenset(
+    ("responses", "stored_responses", "messages", "rerank", "score", "tokenize")
+)
+
 # Variables that would make engines on one host share ports or join a foreign cluster.
 UNSAFE_ENV = ("VLLM_PORT", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS", "VLLM_API_KEY")
 
@@ -66,6 +77,11 @@ class Adapter(Protocol):
     def releases(self) -> str:
         """The engine releases whose flags, routes and probe this adapter was checked
         against (`enginegate check` prints it)."""
+        ...
+
+    @property
+    def apis(self) -> frozenset[str]:
+        """The ENGINE_APIS the engine serves itself, read in its own route table."""
         ...
 
     @property

@@ -3,7 +3,7 @@
 It gets no port, no devices and no memory check, and its metrics are its owner's to scrape.
 """
 
-from backends.base import Launch, Slot
+from backends.base import ENGINE_APIS, Launch, Slot
 from backends.memory import Budget, Estimate
 from backends.spec import ModelSpec
 
@@ -11,6 +11,7 @@ from backends.spec import ModelSpec
 class ExternalAdapter:
     has_process = False
     releases = "any server that answers GET /v1/models with the OpenAI list"
+    apis = ENGINE_APIS  # unknown: every request goes through, and the server answers for itself
     listens_on_socket = False
     devices = ("cuda", "cpu")  # `device:` means nothing here; the spec's default is accepted
     pipeline_parallel = False

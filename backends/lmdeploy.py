@@ -39,6 +39,10 @@ REASONING_PARSERS = {"deepseek_r1": "default", "deepseek_v3": "deepseek-v3", "qw
 class LmdeployAdapter:
     has_process = True
     releases = "0.18 (PyTorch backend run on an H200; flags checked against its parser)"
+    # 0.18: serve/anthropic/endpoints/messages.py and messages_count_tokens.py; POST
+    # /v1/responses only (serve/openai/responses/serving.py): no GET or cancel, and
+    # `previous_response_id` is refused (responses/request.py). No rerank, score or tokenize.
+    apis = frozenset(("responses", "messages"))
     listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = False  # `serve api_server` has no pipeline-parallel flag

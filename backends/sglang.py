@@ -24,7 +24,7 @@ both wheels):
 - `/metrics` exists only with `--enable-metrics`.
 """
 
-from backends.base import Launch, Slot, engine_flags, local_launch
+from backends.base import ENGINE_APIS, Launch, Slot, engine_flags, local_launch
 from backends.gpus import MIB
 from backends.memory import Budget, Estimate, arg_number, format_gib
 from backends.reasoning import parser_flag
@@ -40,6 +40,9 @@ HEALTH_TIMEOUT = 25.0  # SGLANG_HEALTH_CHECK_TIMEOUT's 20 s, and room for the an
 class SglangAdapter:
     has_process = True
     releases = "0.5.17 (run on an H200) to 0.5.23 (flags checked against its parser)"
+    # srt/entrypoints/http_server.py (0.5.23): /v1/responses with GET /v1/responses/{id} and
+    # /cancel, /v1/messages and /count_tokens, /v1/rerank, /v1/score, /tokenize, /detokenize
+    apis = ENGINE_APIS
     listens_on_socket = False
     devices = ("cuda",)
     pipeline_parallel = True

@@ -11,7 +11,7 @@ anyone who connects. So the engine serves on a Unix socket in a private director
 every local user can reach (security finding 19, backends/sockets.py).
 """
 
-from backends.base import Launch, Slot, engine_flags, local_launch
+from backends.base import ENGINE_APIS, Launch, Slot, engine_flags, local_launch
 from backends.memory import Budget, Estimate, arg_number, format_gib
 from backends.reasoning import parser_flag
 from backends.spec import ModelSpec
@@ -24,6 +24,10 @@ REASONING_PARSERS = {"deepseek_r1": "deepseek_r1", "deepseek_v3": "deepseek_v3",
 class VllmAdapter:
     has_process = True
     releases = "0.26 (GPU image, run on H100/H200) and 0.32 (CPU build, in every test run)"
+    # entrypoints/openai/responses/api_router.py (stored responses need the engine started with
+    # VLLM_ENABLE_RESPONSES_API_STORE=1), anthropic/api_router.py, pooling/scoring/api_router.py,
+    # serve/tokenize/api_router.py (/tokenize and /detokenize at the root, not under /v1)
+    apis = ENGINE_APIS
     listens_on_socket = True
     devices = ("cuda", "cpu")
     pipeline_parallel = True

@@ -8,6 +8,10 @@
     │   │                             a request not addressed to this gateway)
     │   ├── UnknownModel          404 invalid_request_error / model_not_found
     │   ├── NotFound              404 invalid_request_error (no such route)
+    │   │   └── ResponseNotFound     404 / response_not_found (a stored response whose replica
+    │   │                             is gone, or one this gateway never saw)
+    │   ├── ApiNotServed          400 invalid_request_error / api_not_served (the model's
+    │   │                             engine has no such API, e.g. LMDeploy and /v1/rerank)
     │   ├── MethodNotAllowed      405 invalid_request_error (+ Allow)
     │   ├── TooLarge              413 invalid_request_error
     │   ├── UnsupportedMediaType  415 invalid_request_error (a body that is not JSON)
@@ -86,6 +90,14 @@ class UnknownModel(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "not_found"
+
+
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
+
+
+class ApiNotServed(ClientError):
+    code = "api_not_served"
 
 
 class MethodNotAllowed(ClientError):

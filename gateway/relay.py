@@ -18,6 +18,7 @@ disconnect, which the Call's watcher does already.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 from starlette.types import Message, Receive, Scope, Send
@@ -25,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.call import Call
 from gateway.errors import ClientGone, UpstreamError
 from gateway.sse import EventRewriter, error_event
+from gateway.typed_sse import StreamReader
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("enginegate.gateway")
@@ -37,17 +39,29 @@ STALLED = 408  # what a stream is counted as when its client stopped reading
 class Relay:
     """The ASGI response of a stream; it sets `call.status` and leaves the rest to the Call."""
 
-    def __init__(self, call: Call, upstream: UpstreamResponse, send_timeout: float) -> None:
+    def __init__(
+        self,
+        call: Call,
+        upstream: UpstreamResponse,
+        send_timeout: float,
+        reader: StreamReader | None = None,
+        end_with: Callable[[str], bytes] = error_event,
+    ) -> None:
+        """`reader`: instead of the chat rewriter, for typed events (typed_sse.py) or a
+        translation (anthropic_chat.py);
+        `end_with`: the error event that ends a stream which failed."""
         self.call = call
         self.upstream = upstream
         self.send_timeout = send_timeout
+        self.reader = reader
+        self.end_with = end_with
         passed = upstream.headers
         headers = [(k.encode(), passed[k].encode()) for k in PASS_HEADERS if k in passed]
         self.headers = headers or SSE_HEADERS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
-        rewriter = EventRewriter(
+        rewriter: StreamReader = self.reader or EventRewriter(
             call.reply_as, strip_usage=not call.wants_usage, split_tags=call.splits_tags
         )
         call.on_client_gone(self.upstream.close)  # the engine sees the connection close
@@ -65,7 +79,7 @@ class Relay:
         finally:
             call.add_usage(rewriter.usage)
 
-    async def _relay(self, rewriter: EventRewriter, out: "TimedSend") -> int:
+    async def _relay(self, rewriter: StreamReader, out: "TimedSend") -> int:
         """Relay until the stream ends; the status to count it as."""
         call, upstream = self.call, self.upstream
         try:
@@ -90,7 +104,7 @@ class Relay:
             return await self._end_with_error(out, exc.message)
 
     async def _end_with_error(self, out: "TimedSend", message: str) -> int:
-        body = error_event(message)
+        body = self.end_with(message)
         await out({"type": "http.response.body", "body": body, "more_body": True})
         return 502
 

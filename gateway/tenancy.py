@@ -118,6 +118,10 @@ class Tenancy:
         token = bearer_token(request)
         if token is None:
             raise Unauthorized(f"missing {what}: send `Authorization: Bearer <key>`")
+        return self.usable(token, what)
+
+    def usable(self, token: str, what: str = "API key") -> KeyRecord:
+        """The key `token` is, if it may be used now; raises Unauthorized saying why not."""
         key = self.find(token)
         if key is None:
             raise Unauthorized(f"invalid {what}")

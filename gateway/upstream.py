@@ -58,13 +58,14 @@ class Upstream:
         body: bytes,
         headers: dict[str, str],
         socket_path: str | None = None,
+        method: str = "POST",
     ) -> "UpstreamResponse":
         """The engine's answer once its status and headers are in; its body is not read yet.
         With `socket_path`, the request goes through that Unix socket (`url` gives the path)."""
         session = self._session(socket_path)
         try:
-            response = await session.post(
-                url, data=body, headers=HEADERS | headers, timeout=self._timeout
+            response = await session.request(
+                method, url, data=body, headers=HEADERS | headers, timeout=self._timeout
             )
         except FAILURES as exc:
             where = f"{url} via {socket_path}" if socket_path else url
