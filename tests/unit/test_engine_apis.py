@@ -1,5 +1,6 @@
 """The engine API table, typed-event streams, Anthropic's conventions and response pins."""
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -9,10 +10,12 @@ from starlette.requests import Request
 from backends.adapters import ADAPTERS
 from backends.base import ENGINE_APIS
 from gateway import anthropic
-from gateway.auth import KeyRing
+from gateway.config import GatewayConfig
 from gateway.engine_api import ROUTES, check_served, stored_route
 from gateway.errors import ApiNotServed, NoReadyReplica, ResponseNotFound, Unauthorized
 from gateway.pins import ResponsePins
+from gateway.store import Store
+from gateway.tenancy import Tenancy, config_keys
 from gateway.typed_sse import TypedEventReader, chat_usage
 
 RESPONSE_STREAM = (
@@ -129,13 +132,14 @@ def request(headers: dict[str, str]) -> Request:
         ({}, Unauthorized),
     ],
 )
-def test_anthropic_auth_takes_x_api_key(headers: dict[str, str], want: Any) -> None:
-    keys = KeyRing(["k1", "k2"])
+def test_anthropic_auth_takes_x_api_key(headers: dict[str, str], want: Any, tmp_path: Path) -> None:
+    config = GatewayConfig.model_validate({"api_keys": ["k1", "k2"]})
+    keys = Tenancy(config_keys(config), Store("sqlite", tmp_path), allow_open=False)
     if want is Unauthorized:
         with pytest.raises(Unauthorized):
             anthropic.authenticate(keys, request(headers))
     else:
-        assert anthropic.authenticate(keys, request(headers)) == want
+        assert anthropic.authenticate(keys, request(headers)).name == want
 
 
 @pytest.mark.parametrize(
