@@ -34,6 +34,10 @@ from gateway.state import Gateway
 log = logging.getLogger("enginegate.rollout")
 
 READY_SLACK = 5.0  # seconds past startup_timeout a successor may take before it is given up
+# Starts a successor gets before its replacement is given up: the supervisor starts a hung one
+# again after startup_timeout, and that second start usually succeeds (seen with vLLM CPU: a
+# worker stuck in its first seconds for 7 minutes, the next start ready in 23 s).
+START_TRIES = 2
 
 
 class Busy(ClientError):
@@ -255,7 +259,8 @@ class Rollout:
         return True
 
     async def _until_ready(self, worker: Worker) -> bool:
-        deadline = time.monotonic() + worker.slot.model.startup_timeout + READY_SLACK
+        each = worker.slot.model.startup_timeout + READY_SLACK
+        deadline = time.monotonic() + START_TRIES * each
         while not worker.is_ready:
             if worker.state is WorkerState.IDLE:
                 return True  # on demand: it starts with its first request

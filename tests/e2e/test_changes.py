@@ -37,7 +37,14 @@ CHANGE_TIMEOUT = 900  # seconds: engines start slowly on two cores that also ser
 
 def pair(engine: Engine, **engine_args: object) -> dict[str, object]:
     spec = cpu_worker(engine, MODEL)
-    return {**spec, "replicas": 2, "engine_args": {**spec["engine_args"], **engine_args}}
+    # A start that hangs is tried again after startup_timeout (rollout.START_TRIES): short
+    # enough that a hung successor and its second start fit in CHANGE_TIMEOUT.
+    return {
+        **spec,
+        "replicas": 2,
+        "startup_timeout": 300,
+        "engine_args": {**spec["engine_args"], **engine_args},
+    }
 
 
 @pytest.fixture(scope="module")
