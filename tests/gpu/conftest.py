@@ -19,7 +19,6 @@ ENGINEGATE_GPU_WORKDIR (the gateways' folders; default: pytest's tmp), ENGINEGAT
 """
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -33,8 +32,7 @@ for _folder in Path(__file__).resolve().parents[2:0:-1]:
         sys.path.append(str(_folder))
 
 import pytest  # noqa: E402
-from fakes.gateway_process import REPO  # noqa: E402
-from gpu_kit import MODEL_FLAGS, RIG, Gateway, Results, Rig  # noqa: E402
+from gpu_kit import MODEL_FLAGS, RIG, Gateway, Results, Rig, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +61,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(rig: Rig, workdir: Path, results: Results) -> Path:
     """The random-weight Qwen2 (4 heads, 2 KV heads, head_dim 128, 4 layers): TP=2 splits it."""
     path = Path(os.environ.get("ENGINEGATE_GPU_MODEL") or workdir / "tiny-qwen2")
-    if not (path / "config.json").exists():
-        started = time.monotonic()
-        done = subprocess.run(
-            [rig.python, str(REPO / "deploy" / "tiny_model.py"), str(path), *MODEL_FLAGS],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0, f"tiny_model.py failed:\n{done.stderr[-4000:]}"
-        results.record("model build (s)", round(time.monotonic() - started, 1))
-    return path
+    return build_tiny_model(rig, path, MODEL_FLAGS, results, "model")
 
 
 @pytest.fixture(scope="session")

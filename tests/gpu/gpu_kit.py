@@ -218,6 +218,20 @@ class Gateway(GatewayProcess):
         self.plan: subprocess.CompletedProcess[str] | None = None
 
 
+def build_tiny_model(rig: Rig, path: Path, flags: list[str], results: Results, label: str) -> Path:
+    """`deploy/tiny_model.py PATH FLAGS` with the engine's Python, unless PATH holds a model;
+    the build time goes to results as `LABEL build (s)`."""
+    if not (path / "config.json").exists():
+        started = time.monotonic()
+        script = Path(__file__).resolve().parents[2] / "deploy" / "tiny_model.py"
+        done = subprocess.run(
+            [rig.python, str(script), str(path), *flags], capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"tiny_model.py {flags} failed:\n{done.stderr[-4000:]}"
+        results.record(f"{label} build (s)", round(time.monotonic() - started, 1))
+    return path
+
+
 def direct_client(gw: Gateway, model: str) -> Any:
     """An OpenAI SDK client straight to `model`'s engine with the engine's own key: vLLM on its
     Unix socket (the key in VLLM_API_KEY), SGLang and LMDeploy on their loopback ports."""

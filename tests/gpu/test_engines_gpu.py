@@ -15,13 +15,12 @@ Every figure goes to results.json; docs/gpu-validation.md reports them.
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.gateway_process import REPO, is_alive, wait_gone
+from fakes.gateway_process import is_alive, wait_gone
 from gpu_kit import (
     ENGINE_ENV,
     GPU_MEMORY_UTILIZATION,
@@ -30,6 +29,7 @@ from gpu_kit import (
     Gateway,
     Results,
     Rig,
+    build_tiny_model,
     chat,
     direct_client,
     gib,
@@ -118,16 +118,7 @@ def tiny(rig, tiny_model, workdir, gateways, results: Results) -> Gateway:
 @pytest.fixture(scope="module")
 def deepseek_model(rig: Rig, workdir: Path, results: Results) -> Path:
     path = workdir / "tiny-deepseek"
-    if not (path / "config.json").exists():
-        started = time.monotonic()
-        built = subprocess.run(
-            [rig.python, str(REPO / "deploy" / "tiny_model.py"), str(path), *DEEPSEEK_FLAGS],
-            capture_output=True,
-            text=True,
-        )
-        assert built.returncode == 0, f"tiny_model.py --deepseek failed:\n{built.stderr[-4000:]}"
-        results.record("deepseek model build (s)", round(time.monotonic() - started, 1))
-    return path
+    return build_tiny_model(rig, path, DEEPSEEK_FLAGS, results, "deepseek model")
 
 
 @pytest.fixture(scope="module")
