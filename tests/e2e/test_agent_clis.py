@@ -21,12 +21,11 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes.metrics import sample_values
+from fakes.gateway_process import bearer
 
 from .conftest import (
     ADMIN_KEY,
     API_KEY,
-    METRICS_TOKEN,
     REPO,
     Engine,
     GatewayProcess,
@@ -83,20 +82,15 @@ class Tally:
         self.start = self.read()
 
     def read(self) -> dict[str, float]:
-        url = self.gateway.url
-        page = httpx.get(f"{url}/metrics", headers=bearer(METRICS_TOKEN), timeout=10).text
+        gw = self.gateway
         usage = httpx.get(
-            f"{url}/admin/usage", params={"model": MODEL}, headers=bearer(ADMIN_KEY), timeout=10
+            f"{gw.url}/admin/usage", params={"model": MODEL}, headers=bearer(ADMIN_KEY), timeout=10
         )
         usage.raise_for_status()
         rows = usage.json()["data"]
         return {
-            "answered": sum(
-                sample_values(page, "enginegate_requests_total", model=MODEL, status="200")
-            ),
-            "prompt_tokens": sum(
-                sample_values(page, "enginegate_tokens_total", model=MODEL, kind="prompt")
-            ),
+            "answered": gw.metric("enginegate_requests_total", model=MODEL, status="200") or 0,
+            "prompt_tokens": gw.metric("enginegate_tokens_total", model=MODEL, kind="prompt") or 0,
             "usage_requests": sum(row["requests"] for row in rows),
             "usage_prompt_tokens": sum(row["prompt_tokens"] for row in rows),
         }
@@ -111,10 +105,6 @@ class Tally:
             if grown["usage_requests"] >= grown["answered"] or time.monotonic() > deadline:
                 return grown
             time.sleep(0.5)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def routes(gateway: GatewayProcess) -> list[str]:
