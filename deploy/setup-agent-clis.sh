@@ -12,7 +12,7 @@ dir=$home/agent-clis
 packages=(@anthropic-ai/claude-code@2.1.332 @openai/codex@0.171.0)
 
 if ! command -v npm >/dev/null; then
-  echo "setup: npm not found: install Node.js (>= 18) and npm to run the agent CLI tests" >&2
+  echo "setup: npm not found: install Node.js and npm (bash deploy/test.sh does) to run the agent CLI tests" >&2
   exit 3
 fi
 stamp=$dir/.installed-$(echo "${packages[*]}" | sha1sum | cut -c1-12)
