@@ -170,8 +170,8 @@ def make_terse(model: Any, reply: list[int], eos: int) -> None:
     """
     import torch
 
-    assert len(set(reply)) == len(reply) and eos not in reply, f"reply tokens {reply}"
     hidden = model.config.hidden_size
+    assert len(set(reply)) == len(reply) < hidden and eos not in reply, f"reply tokens {reply}"
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -186,7 +186,6 @@ def make_terse(model: Any, reply: list[int], eos: int) -> None:
             head[after, i + 1] = 8.0
         head[reply[0], 0] = 8.0
         model.model.norm.weight.fill_(1.0)
-    assert len(reply) < hidden
 
 
 # DeepSeek-V3's per-head sizes. Engines' MLA kernels are built for exactly these (the latent the
