@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The agent CLIs the e2e tests drive through the gateway: Claude Code (`claude`) and the Codex
 # CLI (`codex`), npm packages pinned below, installed under $ENGINEGATE_HOME/agent-clis (never
-# globally). Idempotent; prints CLAUDE=... and CODEX=... (the executables). Needs npm; without
-# it, prints nothing and exits 3, and tests/e2e/test_agent_clis.py skips saying so.
+# globally). Idempotent; prints CLAUDE=... and CODEX=... (the executables). Needs npm, which
+# deploy/test.sh installs (Debian's nodejs and npm) when missing; without it, prints nothing and
+# exits 3, and tests/e2e/test_agent_clis.py skips saying so.
 #   ENGINEGATE_HOME  where it lives (default: ${XDG_CACHE_HOME:-~/.cache}/enginegate)
 set -euo pipefail
 home=${ENGINEGATE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/enginegate}
@@ -11,7 +12,7 @@ dir=$home/agent-clis
 packages=(@anthropic-ai/claude-code@2.1.332 @openai/codex@0.171.0)
 
 if ! command -v npm >/dev/null; then
-  echo "setup: npm not found: install Node.js (>= 18) and npm to run the agent CLI tests" >&2
+  echo "setup: npm not found: install Node.js and npm (bash deploy/test.sh does) to run the agent CLI tests" >&2
   exit 3
 fi
 stamp=$dir/.installed-$(echo "${packages[*]}" | sha1sum | cut -c1-12)

