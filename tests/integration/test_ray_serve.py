@@ -177,3 +177,40 @@ def test_sigkill_of_the_gateway_leaves_no_engine_on_any_node(gateway: GatewayPro
     os.kill(gateway.pid, signal.SIGKILL)
     gateway.proc.wait()  # type: ignore[union-attr]
     assert gone(pids, 90), f"left: {[p for p in pids if psutil.pid_exists(p)]}"
+
+
+def test_a_node_leaving_the_cluster_fails_its_gang_with_the_reason(tmp_path: Path) -> None:
+    """A cluster and gateway of its own: 1. `big` ready over both nodes; 2. the second node's
+    Ray stops; 3. every rank of `big` ends, and as no second node is left its placement group
+    cannot be placed: after the supervisor's tries the worker is `failed`, saying why."""
+    with ray_cluster(head_gpus=2, second_gpus=2) as alone:
+        gw = GatewayProcess(
+            tmp_path, [fake_model(BIG, tp=2, nodes=2)], api_key=API_KEY, admin_key=ADMIN_KEY
+        )
+        gw.config["cluster"] = {"ray": alone.address, "node_ip": alone.node_ip, "start_timeout": 3}
+        gw.config_path.write_text(yaml.safe_dump(gw.config, sort_keys=False))
+        gw.start()
+        try:
+            gw.wait_ready(timeout=180)
+            ranks = guards(BIG)
+            pids = tree(ranks[0]) | tree(ranks[1])
+            (second,) = [p for p in psutil.process_iter() if is_second_node(p, alone)]
+            second.send_signal(signal.SIGTERM)
+            assert gone(pids, 60), "a rank outlived its gang"
+            deadline = time.monotonic() + 150
+            while gw.worker(f"{BIG}-0")["state"] != "failed" and time.monotonic() < deadline:
+                time.sleep(1)
+            worker = gw.worker(f"{BIG}-0")
+            assert worker["state"] == "failed", worker
+            assert "not placed in 3 s" in "\n".join(worker["last_error"])
+        finally:
+            gw.stop()
+
+
+def is_second_node(proc: psutil.Process, cluster: RayCluster) -> bool:
+    """The second node's `ray start --address HEAD ...` (tests/fakes/ray_cluster.py)."""
+    try:
+        argv = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "start" in argv and argv[argv.index("start") + 1 :][:2] == ["--address", cluster.address]
