@@ -12,10 +12,10 @@ this is what `enginegate plan` shows before anything starts, from the nodes' tot
 
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.placement import worker_id
-from backends.spec import ModelSpec
+from backends.spec import MANAGED_ENV, ModelSpec
 
 
 class ClusterSpec(BaseModel):
@@ -27,6 +27,23 @@ class ClusterSpec(BaseModel):
     node_ip: str | None = Field(
         None, description="this host's address in the cluster, when Ray would pick another"
     )
+    node_env: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="per node address, environment for the ranks there, e.g. "
+        "{10.0.0.2: {GLOO_SOCKET_IFNAME: ib0, NCCL_SOCKET_IFNAME: ib0}}",
+    )
+    start_timeout: float = Field(
+        300, gt=0, description="seconds a replica's placement group may wait for resources"
+    )
+
+    @field_validator("node_env")
+    @classmethod
+    def _check_node_env(cls, node_env: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for address, env in node_env.items():
+            managed = sorted(MANAGED_ENV.intersection(env))
+            if managed:
+                raise ValueError(f"{address}: {', '.join(managed)}: set by enginegate itself")
+        return node_env
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,7 @@ def place(models: list[ModelSpec], nodes: list[Node]) -> list[Bundle]:
 def _place_replica(
     spec: ModelSpec, replica: int, nodes: list[Node], free: dict[str, _Free]
 ) -> list[Bundle]:
-    gpus, cpus = _need(spec)
+    gpus, cpus = need(spec)
     strategy = "PACK" if spec.nodes == 1 else "STRICT_SPREAD"
     wid = worker_id(spec.name, replica)
     base = Bundle(wid, spec.name, spec.backend, strategy, node_rank=0, node=None)
@@ -96,7 +113,7 @@ def _place_replica(
     return bundles
 
 
-def _need(spec: ModelSpec) -> tuple[int, int]:
+def need(spec: ModelSpec) -> tuple[int, int]:
     """(GPUs, CPUs) of one bundle: GPU ranks hold GPUs, CPU ranks a core each."""
     if spec.device == "cpu":
         return 0, spec.ranks_per_node

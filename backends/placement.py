@@ -34,9 +34,9 @@ def _file_name(name: str) -> str:
 
 
 MULTI_HOST = (
-    "{nodes} hosts: enginegate starts engines on this host only; `enginegate render k8s` "
-    "writes this model as a LeaderWorkerSet, and `enginegate plan` with `cluster: {{ray: ...}}` "
-    "places it on a Ray cluster (serve does not start multi-node engines yet)"
+    "{nodes} hosts: without `cluster: {{ray: ...}}` enginegate starts engines on this host "
+    "only; with it, serve places the model on that Ray cluster, and `enginegate render k8s` "
+    "writes it as a LeaderWorkerSet"
 )
 
 
@@ -68,6 +68,22 @@ def plan(models: list[ModelSpec], gpu_count: int, cpu_cores: list[int]) -> list[
                 slots.append(Slot(wid, spec, replica, gpus=gpus))
             else:
                 slots.append(Slot(wid, spec, replica))
+    return slots
+
+
+def plan_cluster(models: list[ModelSpec], cpu_cores: list[int]) -> list[Slot]:
+    """One Slot per replica for workers on a Ray cluster: no GPU indices (Ray hands out each
+    rank's GPUs on its node); CPU ranks get core lists as on one host, rank by rank
+    (`cluster.node_env` may bind others per node)."""
+    check_names(models)
+    cpu_ranks = _cpu_ranks(models, cpu_cores)
+    slots = []
+    for spec in models:
+        for replica in range(spec.replicas):
+            ranks: tuple[str, ...] = ()
+            if spec.needs_cpu_cores:
+                ranks = tuple(cpu_ranks.pop(0) for _ in range(spec.ranks))
+            slots.append(Slot(worker_id(spec.name, replica), spec, replica, cpu_ranks=ranks))
     return slots
 
 

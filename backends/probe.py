@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from backends.base import Launch
-from backends.process import EngineProcess
+from backends.process import Engine
 
 # "port taken": something answered on the port, and it is not the engine.
 # "refused": the engine answered 401, 403 or 404 where it should answer 200: a route it does not
@@ -55,7 +55,7 @@ OK = Probe("ok")
 async def probe(
     client: httpx.AsyncClient,
     launch: Launch,
-    engine: EngineProcess | None,
+    engine: Engine | None,
     port: int | None,
     timeout: float,
     full: bool,

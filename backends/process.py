@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -33,6 +33,30 @@ LOG_ROTATE_BYTES = 20 * 1024 * 1024
 KILL_MARGIN_SECONDS = 5.0
 GONE_TIMEOUT_SECONDS = 5.0
 SECRET_FLAGS = frozenset({"--api-key", "--api-keys"})  # SGLang, LMDeploy: the worker key
+
+
+class Engine(Protocol):
+    """What the supervisor needs of a running engine: one process tree here (EngineProcess),
+    or the ranks of one replica on a Ray cluster (backends/ray_launch.py Gang)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; once it (any part of it) ended, its exit status."""
+        ...
+
+    async def wait(self) -> int: ...
+
+    def pids(self) -> list[int]: ...
+
+    async def stop(self, grace: float) -> int:
+        """End it all, SIGKILL past `grace`; its status."""
+        ...
+
+    def kill(self) -> None:
+        """End it all now, without waiting: when stop() failed."""
+        ...
 
 
 class EngineProcess:
@@ -90,6 +114,9 @@ class EngineProcess:
             return [self.pid, *(p.pid for p in guard.children(recursive=True))]
         except psutil.NoSuchProcess:
             return []
+
+    def kill(self) -> None:
+        kill_tree(self.pid)
 
     async def stop(self, grace: float) -> int:
         """SIGTERM the tree through the guard; past grace (+margin) SIGKILL the whole group.

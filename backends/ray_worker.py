@@ -7,7 +7,7 @@ rank's GPUs as Ray resources, so Ray sets CUDA_VISIBLE_DEVICES for it and the gu
 engine inherit it. enginegate must be installed on every node (the actor runs
 `python -m backends.guard` with the node's own interpreter).
 
-Not wired into `serve` yet: this is the piece the supervisor will drive.
+`serve` drives it through backends/ray_launch.py: one actor per rank of a replica.
 """
 
 import os
@@ -17,6 +17,8 @@ import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from backends.base import UNSAFE_ENV
 
 GUARD = ("-m", "backends.guard")
 
@@ -32,7 +34,7 @@ class EngineHost:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*guard, "--", *argv],
-                env={**os.environ, **env},
+                env={**_node_env(), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -64,8 +66,22 @@ class EngineHost:
             return ""
 
 
+def _node_env() -> dict[str, str]:
+    """The node's environment as the actor has it, less what would tie the engine to Ray's
+    own ports and cluster (a Ray worker has RAY_ADDRESS set) or to another engine's."""
+    return {key: value for key, value in os.environ.items() if key not in UNSAFE_ENV}
+
+
+# Ray's worker SIGKILLs its direct children when it exits (`kill_child_processes_on_worker_exit`,
+# on by default), as when its owner, the gateway, dies: the guard would die before it could end
+# the engine's tree, and what the engine forked (vLLM's resource trackers) would live on. With
+# it off for the actor's own process, the guard sees its parent die and ends the tree itself.
+ACTOR_ENV = {"RAY_kill_child_processes_on_worker_exit": "false"}
+
+
 def remote_class() -> Any:
     """EngineHost as a Ray actor class. No CPU is reserved for it: it only waits."""
     import ray
 
-    return ray.remote(num_cpus=0)(EngineHost)
+    runtime_env = {"env_vars": ACTOR_ENV}
+    return ray.remote(num_cpus=0, runtime_env=runtime_env)(EngineHost)

@@ -223,8 +223,6 @@ class ModelSpec(BaseModel):
                 f"nodes: {self.nodes}: backend {self.backend!r} has no multi-node launch here; "
                 f"supported: {', '.join(MULTI_NODE_BACKENDS)}"
             )
-        if self.device != "cuda":
-            raise ValueError(f"nodes: {self.nodes}: multi-node models run on GPUs (device: cuda)")
         if self.ranks % self.nodes:
             raise ValueError(
                 f"nodes: {self.nodes} does not divide tp*pp = {self.ranks}: every host holds "

@@ -39,7 +39,7 @@ from backends.adapters import ADAPTERS
 from backends.base import Launch, Slot
 from backends.ports import PortAllocator
 from backends.probe import Probe, probe
-from backends.process import EngineProcess, end_leftovers, kill_tree, tail
+from backends.process import Engine, EngineProcess, end_leftovers, tail
 from backends.sockets import WorkerSocket
 
 log = logging.getLogger("enginegate.supervisor")
@@ -136,7 +136,7 @@ class Worker:
         self.restarts = 0
         self.in_flight = 0
         self.launch: Launch | None = None
-        self.process: EngineProcess | None = None
+        self.process: Engine | None = None  # an EngineProcess here, a Gang on a cluster
         self.port: int | None = None
         self.side_ports: tuple[int, ...] = ()  # the engine's own, e.g. SGLang's --nccl-port
         self.started_at: float | None = None
@@ -378,17 +378,9 @@ class Worker:
         """Start the engine, wait until it is ready, watch it until it ends. Never raises."""
         self._ready_at = None
         try:
-            self.launch = self.plan_launch()
             self._set(WorkerState.STARTING)
             self.started_at = time.monotonic()
-            if self.launch.has_process:
-                self.process = await EngineProcess.start(
-                    self.launch.argv,
-                    self._child_env(self.launch),
-                    self.log_path,
-                    self._record,
-                    self._timings.stop_grace,
-                )
+            await self._spawn()
             outcome = await self._wait_ready()
             if outcome != "ready":
                 return outcome
@@ -400,6 +392,19 @@ class Worker:
             log.exception("worker %s: start or supervision failed", self.id)
             self.last_error = traceback.format_exc().splitlines()[-LAST_ERROR_LINES:]
             return "error"
+
+    async def _spawn(self) -> None:
+        """Plan this start and start its engine: `launch` (and `process`, for an engine we
+        run) are set on return. backends/ray_launch.py starts its ranks on a cluster instead."""
+        self.launch = self.plan_launch()
+        if self.launch.has_process:
+            self.process = await EngineProcess.start(
+                self.launch.argv,
+                self._child_env(self.launch),
+                self.log_path,
+                self._record,
+                self._timings.stop_grace,
+            )
 
     def _child_env(self, launch: Launch) -> dict[str, str]:
         """The gateway's environment minus its secrets and what would mix engines up."""
@@ -507,7 +512,7 @@ class Worker:
             await process.stop(self._timings.stop_grace)
         except Exception:
             log.exception("worker %s: stopping its engine failed; killing it", self.id)
-            kill_tree(process.pid)
+            process.kill()
         finally:
             self.process = None
 
@@ -546,13 +551,15 @@ class Supervisor:
         on_change: Callable[[Worker], None] = lambda worker: None,
         timings: Timings = Timings(),
         hidden_env: frozenset[str] = frozenset(),
+        worker_type: Callable[..., Worker] = Worker,
     ) -> None:
         self.state_dir = state_dir
         self.hidden_env = hidden_env  # for workers added later too; a reload may change it
         ports = PortAllocator()
 
         def make(slot: Slot) -> Worker:
-            return Worker(slot, ports, client, state_dir, on_change, timings, self.hidden_env)
+            # worker_type: Worker, or one taking the same arguments (ray_launch.RayWorker)
+            return worker_type(slot, ports, client, state_dir, on_change, timings, self.hidden_env)
 
         self._make = make
         self.workers = [make(s) for s in slots]

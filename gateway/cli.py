@@ -8,18 +8,20 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 import uvloop
 
+from backends import ray_launch
 from backends.adapters import ADAPTERS
 from backends.base import Slot
 from backends.ports import PortAllocator
 from backends.sockets import WorkerSocket
 from backends.statedir import StateDirError, claim
-from backends.supervisor import Supervisor, Timings
+from backends.supervisor import Supervisor, Timings, Worker
 from gateway import __version__, changes_cli, keys_cli, plan, render, status
 from gateway.app import create_app, make_client
 from gateway.config import Config, ConfigError
@@ -107,8 +109,14 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
     client = make_client(config)
     progress = Progress(sys.stderr, is_tty)
     timings = Timings(stop_grace=g.stop_grace)
+    worker_type: Callable[..., Worker] = Worker
+    if config.cluster is not None:
+        # The actors of every rank belong to this process from here on: Ray ends them,
+        # and their guards the engines, when it exits (backends/ray_launch.py).
+        ray_launch.connect(config.cluster)
+        worker_type = ray_launch.worker_type(config.cluster)
     supervisor = Supervisor(
-        slots, g.state_dir, client, progress.on_change, timings, hidden_env=config.secret_env
+        slots, g.state_dir, client, progress.on_change, timings, config.secret_env, worker_type
     )
     app = create_app(config, supervisor, client)
     max_connections = connection_cap(g.max_connections, raise_fd_limit())
@@ -134,6 +142,8 @@ async def serve(config: Config, slots: list[Slot], is_tty: bool) -> None:
         await server.serve()
     finally:
         shown.cancel()
+        if config.cluster is not None:
+            ray_launch.disconnect()
 
 
 def handle_sighup(rollout: Rollout) -> None:

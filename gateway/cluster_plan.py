@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 
+from backends.base import Slot
 from backends.cluster import Bundle, Node, place
-from backends.placement import PlacementError, check_names
+from backends.placement import PlacementError, available_cores, check_names, plan_cluster
 from backends.ray_nodes import ClusterUnavailable, read_nodes
 from gateway.config import Config, ConfigError
 
@@ -40,6 +41,28 @@ def run(args: argparse.Namespace, config: Config, positions: list[int]) -> int:
         print(f"error: {ConfigError(args.config, sorted(problems))}", file=sys.stderr)
         return 1
     return 0
+
+
+def slots(file: str, config: Config, positions: list[int]) -> list[Slot]:
+    """For serve and check: every replica's Slot, once the cluster's nodes as they are now
+    can hold them all; ConfigError naming the models that do not fit, or the cluster."""
+    assert config.cluster is not None
+    try:
+        planned = plan_cluster(config.models, available_cores())
+        nodes = read_nodes(config.cluster)
+    except PlacementError as exc:
+        raise ConfigError(file, [str(exc)]) from None
+    except ClusterUnavailable as exc:
+        raise ConfigError(file, [f"cluster.ray: {exc}"]) from None
+    names = [spec.name for spec in config.models]
+    problems = {
+        f"models[{positions[names.index(b.model)]}] ({b.worker_id}): does not fit: {b.problem}"
+        for b in place(config.models, nodes)
+        if b.problem
+    }
+    if problems:
+        raise ConfigError(file, sorted(problems))
+    return planned
 
 
 def render_table(config: Config, nodes: list[Node], bundles: list[Bundle]) -> str:

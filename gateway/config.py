@@ -176,7 +176,7 @@ class Config(BaseModel):
 
     gateway: GatewayConfig
     models: list[ModelSpec] = Field(min_length=1)
-    cluster: ClusterSpec | None = Field(None, description="a Ray cluster: `enginegate plan` only")
+    cluster: ClusterSpec | None = Field(None, description="a Ray cluster to place the engines on")
     # Environment variables the file read secrets from: engines are started without them.
     _secret_env: frozenset[str] = PrivateAttr(default=frozenset())
     _path: Path | None = PrivateAttr(default=None)  # the file it was read from

@@ -21,11 +21,6 @@ from backends.memory import format_gib
 from gateway import cluster_plan
 from gateway.config import Config, ConfigError, load_config, plan_workers
 
-NO_CLUSTER_SERVE = (
-    "cluster.ray: serve and check do not start workers on a Ray cluster yet; "
-    "`enginegate plan` shows where each rank would run"
-)
-
 
 def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -76,7 +71,9 @@ def prepare(args: argparse.Namespace) -> Plan:
     file = args.config
     config, positions = select(load_config(file), args.only or [], file)
     if config.cluster is not None:
-        raise ConfigError(file, [NO_CLUSTER_SERVE])
+        # GPUs are the cluster's: no local inventory, and the fit is Ray's nodes' totals.
+        slots = cluster_plan.slots(file, config, positions)
+        return Plan(config, slots, Inventory(gpus=(), source="the Ray cluster"), [], positions)
     inventory = _inventory(config, args.inventory, file)
     try:
         slots = plan_workers(config, file, gpu_count=len(inventory.gpus))

@@ -26,6 +26,9 @@ process's ids), POST /v1/messages (its text echoes the anthropic-version and ant
 headers; `max_tokens` missing is Anthropic's 400) and /v1/messages/count_tokens, /v1/rerank,
 /v1/score, and /tokenize and /detokenize at the root (as vLLM: not under /v1).
 
+With `--headless` (vLLM's follower rank of a multi-node engine) it serves nothing and waits
+to be ended.
+
 Only the standard library, so it starts in a few tens of milliseconds.
 """
 
@@ -109,7 +112,11 @@ def main() -> None:
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--api-key")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--headless", action="store_true", help="a follower rank: no HTTP")
     args, _ = parser.parse_known_args()
+    if args.headless:  # vLLM's --headless rank of a multi-node engine serves nothing
+        while True:
+            time.sleep(3600)
     env = os.environ
     if "FAKE_ENGINE_FAIL_UNLESS" in env and not os.path.exists(env["FAKE_ENGINE_FAIL_UNLESS"]):
         sys.exit(f"fake engine: {env['FAKE_ENGINE_FAIL_UNLESS']} missing; failing on purpose")

@@ -87,12 +87,18 @@ def test_the_cluster_key_is_checked(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize("command", ["serve", "check"])
-def test_serve_and_check_refuse_a_cluster_they_cannot_use_yet(tmp_path: Path, command: str) -> None:
+def test_node_env_may_not_set_what_enginegate_sets(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(OPEN + "cluster: {ray: 'h:6379'}\n" + MODELS)
-    with pytest.raises(SystemExit) as exited:
-        main([command, "-c", str(path)])
-    assert f"{path}: cluster.ray: serve and check do not start workers on a Ray cluster yet" in str(
-        exited.value.code
+    path.write_text(
+        OPEN + "cluster: {ray: 'h:6379', node_env: {10.0.0.2: {VLLM_API_KEY: x}}}\n" + MODELS
     )
+    with pytest.raises(ConfigError, match=r"cluster\.node_env: 10\.0\.0\.2: VLLM_API_KEY: set by"):
+        load_config(path)
+
+
+def test_a_model_on_several_nodes_needs_the_cluster_to_be_served(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(OPEN + "models: [{name: m, backend: vllm, model: /m, tp: 2, nodes: 2}]\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "-c", str(path)])
+    assert "models[0].nodes: 2 hosts: without `cluster: {ray: ...}`" in str(exited.value.code)

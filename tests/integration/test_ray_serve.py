@@ -1,0 +1,216 @@
+"""`enginegate serve` with `cluster: {ray: ...}`: workers placed on a real two-node Ray cluster
+(tests/fakes/ray_cluster.py: head 127.0.0.2, second node 127.0.0.3, GPUs as Ray resources
+only), each rank started by an actor under the guard, the ranks of a replica one gang.
+
+The engine is the scripted one (tests/fakes/engine.py: `--headless` serves nothing, as vLLM's
+follower rank); tests/e2e/test_ray_serve.py runs the same with vLLM CPU over two nodes. One
+cluster and one gateway for the module, in the order the tests are written.
+"""
+
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from fakes.gateway_process import GatewayProcess
+from fakes.ray_cluster import HEAD_IP, SECOND_IP, RayCluster, leftovers, ray_cluster
+
+FAKE_ENGINE = str(Path(__file__).parents[1] / "fakes" / "engine.py")
+API_KEY = f"sk-int-{secrets.token_hex(8)}"
+ADMIN_KEY = f"sk-int-admin-{secrets.token_hex(8)}"
+SUFFIX = secrets.token_hex(3)  # other engineers' tests may run fake engines on this host too
+BIG, SMALL = f"big-{SUFFIX}", f"small-{SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    with ray_cluster(head_gpus=2, second_gpus=2) as running:
+        yield running
+    assert leftovers(running.logs) == []
+
+
+def fake_model(name: str, **fields: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "backend": "vllm",
+        "model": "/m",
+        "command": [sys.executable, FAKE_ENGINE],
+        "startup_timeout": 60,
+        **fields,
+    }
+
+
+# An engine that forks a child of its own and leaves it in its process group, as vLLM's
+# resource trackers: it must end with the rest, whoever dies first.
+FORKING = ["sh", "-c", 'sleep 86400 & exec "$0" "$@"', sys.executable, FAKE_ENGINE]
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """`big`: tp=2 over both nodes (one GPU each); `small`: tp=1, wherever Ray puts it."""
+    gw = GatewayProcess(
+        tmp_path_factory.mktemp("ray-gateway"),
+        [fake_model(BIG, tp=2, nodes=2, command=FORKING), fake_model(SMALL)],
+        api_key=API_KEY,
+        admin_key=ADMIN_KEY,
+        stop_grace=5,
+    )
+    gw.config["cluster"] = {"ray": cluster.address, "node_ip": cluster.node_ip}
+    gw.config_path.write_text(yaml.safe_dump(gw.config, sort_keys=False))
+    gw.start()
+    try:
+        gw.wait_ready(timeout=180)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def guards(name: str) -> dict[int, psutil.Process]:
+    """node rank -> the guard running that rank of model `name`, found on this host."""
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            argv = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if "backends.guard" in argv and name in argv:
+            rank = argv[argv.index("--node-rank") + 1] if "--node-rank" in argv else "0"
+            found[int(rank)] = proc
+    return found
+
+
+def tree(guard: psutil.Process) -> set[int]:
+    return {guard.pid, *(child.pid for child in guard.children(recursive=True))}
+
+
+def complete(gw: GatewayProcess, model: str) -> httpx.Response:
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        return client.post(
+            f"{gw.url}/v1/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": model, "prompt": "hi", "max_tokens": 1},
+        )
+
+
+def gone(pids: set[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_two_node_replica_runs_one_rank_per_node_and_serves_through_rank_0(
+    gateway: GatewayProcess,
+) -> None:
+    """1. Two ranks of `big`, on the two nodes: rank 0 serves HTTP on its node's address with
+    the worker key (a request without it is refused), rank 1 is headless.
+    2. The gateway routes to rank 0; `small` runs too."""
+    ranks = guards(BIG)
+    assert sorted(ranks) == [0, 1]
+    head_argv, follower_argv = ranks[0].cmdline(), ranks[1].cmdline()
+    host = head_argv[head_argv.index("--host") + 1]
+    port = head_argv[head_argv.index("--port") + 1]
+    master = head_argv[head_argv.index("--master-addr") + 1]
+    assert host == master
+    assert host in (HEAD_IP, SECOND_IP)
+    assert "--headless" in follower_argv and "--headless" not in head_argv
+    (head_engine,) = ranks[0].children()
+    (follower_engine,) = ranks[1].children()
+    assert head_engine.environ()["VLLM_HOST_IP"] == host
+    assert follower_engine.environ()["VLLM_HOST_IP"] == ({HEAD_IP, SECOND_IP} - {host}).pop()
+    no_key = httpx.get(f"http://{host}:{port}/v1/models", timeout=5)
+    assert no_key.status_code == 401
+    worker = gateway.worker(f"{BIG}-0")
+    assert worker["state"] == "ready"
+    assert worker["url"] == f"http://{host}:{port}/v1"
+    assert complete(gateway, BIG).status_code == 200
+    assert complete(gateway, SMALL).status_code == 200
+
+
+def test_a_rank_that_exits_restarts_the_whole_gang_while_other_models_serve(
+    gateway: GatewayProcess,
+) -> None:
+    """1. SIGKILL of the follower rank's engine (by pid).
+    2. Every rank of `big` ends, rank 0 included, and a new gang becomes ready.
+    3. `small` answers all along."""
+    before = guards(BIG)
+    old = tree(before[0]) | tree(before[1])
+    (follower_engine,) = before[1].children()
+    follower_engine.kill()
+    killed = time.monotonic()
+    assert gone(old, 60), "a rank of the broken gang lived on"
+    answers = []
+    while time.monotonic() - killed < 120:
+        answers.append(complete(gateway, SMALL).status_code)
+        if gateway.worker(f"{BIG}-0")["state"] == "ready":
+            break
+        time.sleep(0.5)
+    worker = gateway.worker(f"{BIG}-0")
+    assert worker["state"] == "ready", worker
+    assert worker["restarts"] >= 1
+    assert "rank 1's engine exited with status 137" in worker["last_error"][0]
+    assert set(answers) == {200}
+    after = guards(BIG)
+    assert sorted(after) == [0, 1]
+    assert not (tree(after[0]) | tree(after[1])) & old
+    assert complete(gateway, BIG).status_code == 200
+
+
+def test_sigkill_of_the_gateway_leaves_no_engine_on_any_node(gateway: GatewayProcess) -> None:
+    """The gateway is Ray's driver: its actors end with it, and their guards end the engines."""
+    pids = set()
+    for name in (BIG, SMALL):
+        for guard in guards(name).values():
+            pids |= tree(guard)
+    assert len(pids) >= 8  # 3 guards, their engines, and big's two forked children
+    os.kill(gateway.pid, signal.SIGKILL)
+    gateway.proc.wait()  # type: ignore[union-attr]
+    assert gone(pids, 90), f"left: {[p for p in pids if psutil.pid_exists(p)]}"
+
+
+def test_a_node_leaving_the_cluster_fails_its_gang_with_the_reason(tmp_path: Path) -> None:
+    """A cluster and gateway of its own: 1. `big` ready over both nodes; 2. the second node's
+    Ray stops; 3. every rank of `big` ends, and as no second node is left its placement group
+    cannot be placed: after the supervisor's tries the worker is `failed`, saying why."""
+    with ray_cluster(head_gpus=2, second_gpus=2) as alone:
+        gw = GatewayProcess(
+            tmp_path, [fake_model(BIG, tp=2, nodes=2)], api_key=API_KEY, admin_key=ADMIN_KEY
+        )
+        gw.config["cluster"] = {"ray": alone.address, "node_ip": alone.node_ip, "start_timeout": 3}
+        gw.config_path.write_text(yaml.safe_dump(gw.config, sort_keys=False))
+        gw.start()
+        try:
+            gw.wait_ready(timeout=180)
+            ranks = guards(BIG)
+            pids = tree(ranks[0]) | tree(ranks[1])
+            (second,) = [p for p in psutil.process_iter() if is_second_node(p, alone)]
+            second.send_signal(signal.SIGTERM)
+            assert gone(pids, 60), "a rank outlived its gang"
+            deadline = time.monotonic() + 150
+            while gw.worker(f"{BIG}-0")["state"] != "failed" and time.monotonic() < deadline:
+                time.sleep(1)
+            worker = gw.worker(f"{BIG}-0")
+            assert worker["state"] == "failed", worker
+            assert "not placed in 3 s" in "\n".join(worker["last_error"])
+        finally:
+            gw.stop()
+
+
+def is_second_node(proc: psutil.Process, cluster: RayCluster) -> bool:
+    """The second node's `ray start --address HEAD ...` (tests/fakes/ray_cluster.py)."""
+    try:
+        argv = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "start" in argv and argv[argv.index("start") + 1 :][:2] == ["--address", cluster.address]
