@@ -8,6 +8,7 @@ differs between engines (flag spellings, memory rule, endpoints) lives in its ad
 engine is one adapter module and its tests.
 """
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,13 @@ class Slot:
     replica: int
     gpus: tuple[int, ...] = ()
     cpu_ranks: tuple[str, ...] = ()  # one core list per rank, e.g. ("0", "1") or ("0-3",)
+
+
+def worker_secret() -> str:
+    """A fresh per-start worker key. Hex, so it never starts with `-`: SGLang and LMDeploy
+    take it as `--api-key KEY`, and argparse refuses a value that looks like a flag (about one
+    start in 64 with url-safe base64)."""
+    return secrets.token_hex(32)
 
 
 @dataclass(frozen=True)

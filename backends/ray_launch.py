@@ -23,7 +23,6 @@ rank 0 passes, not on `/health` alone.
 
 import asyncio
 import logging
-import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from typing import Any
 import httpx
 
 from backends.adapters import ADAPTERS
-from backends.base import Launch, Slot
+from backends.base import Launch, Slot, worker_secret
 from backends.cluster import ClusterSpec, need
 from backends.multinode import node_flags
 from backends.probe import OK, Probe, probe
@@ -86,7 +85,7 @@ class RayWorker(Worker):
         return self.process.rank_pids if isinstance(self.process, Gang) else ()
 
     async def _spawn(self) -> None:
-        secret = secrets.token_urlsafe(32)
+        secret = worker_secret()
         grace = self._timings.stop_grace
         self.launch, self.process = await start_gang(
             self.slot, secret, self._cluster, self.log_path, grace

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import re
-import secrets
 import time
 import traceback
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Literal
 import httpx
 
 from backends.adapters import ADAPTERS
-from backends.base import Launch, Slot
+from backends.base import Launch, Slot, worker_secret
 from backends.ports import PortAllocator
 from backends.probe import Probe, probe
 from backends.process import Engine, EngineProcess, end_leftovers, tail
@@ -319,7 +318,7 @@ class Worker:
             # The path stays the worker's until stop(), which closes this client with it.
             transport = httpx.AsyncHTTPTransport(uds=socket_path)
             self._socket_client = httpx.AsyncClient(transport=transport, trust_env=False)
-        secret = secrets.token_urlsafe(32)
+        secret = worker_secret()
         return adapter.launch(self.slot, self.port or 0, secret, self.side_ports, socket_path)
 
     def _set(self, state: WorkerState) -> None:

@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from backends.adapters import ADAPTERS
+from backends.base import worker_secret
 from backends.placement import plan
 from backends.reasoning import GATEWAY_SPLIT, Reasoning
 from backends.spec import ModelSpec
@@ -113,12 +114,17 @@ def socket_of(engine: str, index: int = 0) -> str | None:
     return f"/run/eg/m-{index}.sock" if ADAPTERS[engine].listens_on_socket else None
 
 
+# A real per-start key: the engines' parsers must take it as the value of --api-key(s), which
+# argparse refuses for a value that starts with `-` (url-safe base64 did, one start in 64).
+KEY = worker_secret()
+
+
 def argvs(engine: str) -> list[list[str]]:
     adapter, out = ADAPTERS[engine], []
     for index, model in enumerate(MATRIX[engine]):
         (slot,) = plan([model], 8, [0, 1])
         side = tuple(29000 + n for n in range(adapter.side_ports(model)))
-        launch = adapter.launch(slot, 8000 + index, "key-Hq2", side, socket_of(engine, index))
+        launch = adapter.launch(slot, 8000 + index, KEY, side, socket_of(engine, index))
         out.append(launch.argv[PROGRAM_WORDS[engine] :])
     return out
 
@@ -183,12 +189,12 @@ def test_engine_parser_accepts_every_argv_of_the_matrix(engine: str) -> None:
     elif engine == "sglang":
         assert [(v["tp_size"], v["pp_size"]) for v in values] == [(1, 1), (8, 1), (2, 2), (4, 1)]
         assert all(v["nccl_port"] == 29000 and v["enable_metrics"] for v in values)
-        assert values[1]["api_key"] == "key-Hq2" and values[1]["host"] == "127.0.0.1"
+        assert values[1]["api_key"] == KEY and values[1]["host"] == "127.0.0.1"
         assert values[1]["reasoning_parser"] == "deepseek-r1"
     else:
         assert [v["tp"] for v in values] == [1, 8, 4, 2]
         assert [v["backend"] for v in values] == ["turbomind", "pytorch", "turbomind", "turbomind"]
-        assert values[1]["api_keys"] == ["key-Hq2"] and values[1]["server_port"] == 8001
+        assert values[1]["api_keys"] == [KEY] and values[1]["server_port"] == 8001
         assert values[1]["model_name"] == "m" and values[1]["model_path"] == "/models/m"
         assert values[1]["reasoning_parser"] == "default"
 
@@ -242,3 +248,9 @@ def test_think_tags_give_the_engine_no_parser(engine: str) -> None:
     adapter = ADAPTERS[engine]
     side = tuple(range(29000, 29000 + adapter.side_ports(slot.model)))
     assert "--reasoning-parser" not in adapter.launch(slot, 8000, "k", side, socket_of(engine)).argv
+
+
+def test_a_worker_secret_never_reads_as_a_flag() -> None:
+    secrets_ = {worker_secret() for _ in range(2000)}
+    assert len(secrets_) == 2000
+    assert not any(s.startswith("-") for s in secrets_)
