@@ -43,6 +43,8 @@ log = logging.getLogger("enginegate.ray")
 POLL_SECONDS = 1.0
 CALL_TIMEOUT = 30.0  # one call to an actor; no answer in this long: its node is taken for gone
 GENERATION_TIMEOUT = 60.0  # a one-token generation on a CPU engine busy with other requests
+LOG_TIMEOUT = 5.0  # reading a rank's log on its node
+KEPT_LOG_LINES = 200  # of each rank's log, kept when its gang ends
 
 
 def connect(cluster: ClusterSpec) -> None:
@@ -78,6 +80,22 @@ class RayWorker(Worker):
     def __init__(self, *args: Any, cluster: ClusterSpec, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cluster = cluster
+        self._last_logs: dict[int, list[str]] = {}  # each rank's log when its gang ended
+
+    async def log_lines(self, lines: int, rank: int = 0) -> list[str]:
+        """Rank `rank`'s log, read on its node by its actor while the gang runs; once it has
+        ended, the lines each rank's log had then (the actors, and with them the way to the
+        node's files, are gone)."""
+        ranks = self.slot.model.nodes
+        if not 0 <= rank < ranks:
+            raise LookupError(f"worker `{self.id}` has ranks 0 to {ranks - 1}")
+        gang = self.process
+        if not isinstance(gang, Gang):
+            return self._last_logs.get(rank, [])[-lines:]
+        try:
+            return await asyncio.to_thread(gang.log_tail, rank, lines)
+        except Exception as exc:  # its actor or node is gone
+            return [f"rank {rank}'s log could not be read on its node: {exc!r}"]
 
     @property
     def rank_pids(self) -> tuple[int, ...]:
@@ -93,6 +111,8 @@ class RayWorker(Worker):
 
     async def _end_process(self, why: Outcome) -> None:
         gang = self.process
+        if isinstance(gang, Gang):
+            self._last_logs = await asyncio.to_thread(gang.log_tails, KEPT_LOG_LINES)
         await super()._end_process(why)
         if isinstance(gang, Gang) and gang.reason:  # which rank ended it, before rank 0's log
             self.last_error = [gang.reason, *self.last_error][-LAST_ERROR_LINES:]
@@ -160,6 +180,23 @@ class Gang:
 
     def pids(self) -> list[int]:
         return list(self.rank_pids)
+
+    def log_tail(self, rank: int, lines: int) -> list[str]:
+        """The last `lines` of rank `rank`'s log, read on its node (blocking)."""
+        import ray
+
+        text = ray.get(self._actors[rank].log_tail.remote(lines), timeout=LOG_TIMEOUT)
+        return str(text).splitlines()
+
+    def log_tails(self, lines: int) -> dict[int, list[str]]:
+        """Every rank's log tail that can still be read (blocking)."""
+        tails = {}
+        for rank in range(len(self._actors)):
+            try:
+                tails[rank] = self.log_tail(rank, lines)
+            except Exception as exc:  # its actor or node is gone
+                tails[rank] = [f"rank {rank}'s log could not be read on its node: {exc!r}"]
+        return tails
 
     async def stop(self, grace: float) -> int:
         """SIGTERM to every rank at once (its guard SIGKILLs past `grace`), then the actors

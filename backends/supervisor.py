@@ -301,6 +301,12 @@ class Worker:
             log.error("worker %s: POST %s answered %d", self.id, path, resp.status_code)
         return resp.status_code == 200
 
+    async def log_lines(self, lines: int, rank: int = 0) -> list[str]:
+        """The last `lines` of rank `rank`'s log; a worker on this host has rank 0 only."""
+        if rank != 0:
+            raise LookupError(f"worker `{self.id}` has one rank, 0")
+        return tail(self.log_path, lines)
+
     def plan_launch(self) -> Launch:
         """Fresh ports and secret for the next start (a dead engine's ports may linger); for
         an engine on a Unix socket, the worker's socket path, cleared of a dead engine's file."""

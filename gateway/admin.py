@@ -3,7 +3,8 @@
     GET  /admin/status                    models, workers, GPUs and counter totals (the UI's poll)
     GET  /admin/workers                   every worker: state, devices, port or socket, pid, ...
     POST /admin/workers/{id}/restart      end the worker's engine and start it again
-    GET  /admin/workers/{id}/log?lines=N  the last N lines of its log, as text
+    GET  /admin/workers/{id}/log?lines=N  the last N lines of its log, as text (`&rank=R`: rank
+                                          R's of a worker over several nodes)
 
 An ordinary API key is refused with 403: it is valid, but not for this. With no admin keys
 configured the admin API is off (403), unless the whole gateway runs open
@@ -18,7 +19,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from backends.adapters import ADAPTERS
-from backends.process import tail
 from backends.supervisor import Supervisor, Worker, WorkerView
 from gateway import __version__
 from gateway.auth import KeyRing, bearer_token
@@ -101,11 +101,17 @@ def admin_router(gateway: Gateway, auth: AdminAuth, gpus: GpuCollector) -> APIRo
         return JSONResponse({"id": worker.id, "state": worker.state.value, "restarting": True}, 202)
 
     @router.get("/workers/{worker_id:path}/log")
-    async def log(request: Request, worker_id: str, lines: int = 200) -> PlainTextResponse:
+    async def log(
+        request: Request, worker_id: str, lines: int = 200, rank: int = 0
+    ) -> PlainTextResponse:
         auth.authenticate(request)
         worker = worker_or_404(worker_id)
         lines = min(max(lines, 1), MAX_LOG_LINES)
-        return PlainTextResponse("".join(f"{line}\n" for line in tail(worker.log_path, lines)))
+        try:
+            text = await worker.log_lines(lines, rank)
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        return PlainTextResponse("".join(f"{line}\n" for line in text))
 
     return router
 

@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--headless", action="store_true", help="a follower rank: no HTTP")
     args, _ = parser.parse_known_args()
     if args.headless:  # vLLM's --headless rank of a multi-node engine serves nothing
+        print(f"fake engine {args.served_model_name}: a headless rank", flush=True)
         while True:
             time.sleep(3600)
     env = os.environ

@@ -136,6 +136,20 @@ def test_a_two_node_replica_runs_one_rank_per_node_and_serves_through_rank_0(
     assert worker["url"] == f"http://{host}:{port}/v1"
     assert complete(gateway, BIG).status_code == 200
     assert complete(gateway, SMALL).status_code == 200
+    # Each rank's log, read on its node by its actor, through the admin API.
+    logs = {rank: rank_log(gateway, f"{BIG}-0", rank) for rank in (0, 1, 2)}
+    assert logs[0].status_code == 200 and f"fake engine {BIG} on" in logs[0].text
+    assert logs[1].status_code == 200 and f"fake engine {BIG}: a headless rank" in logs[1].text
+    assert logs[2].status_code == 404 and "ranks 0 to 1" in logs[2].text
+
+
+def rank_log(gw: GatewayProcess, worker_id: str, rank: int) -> httpx.Response:
+    return httpx.get(
+        f"{gw.url}/admin/workers/{worker_id}/log?rank={rank}",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=30,
+        trust_env=False,
+    )
 
 
 def test_a_rank_that_exits_restarts_the_whole_gang_while_other_models_serve(
@@ -160,6 +174,7 @@ def test_a_rank_that_exits_restarts_the_whole_gang_while_other_models_serve(
     assert worker["state"] == "ready", worker
     assert worker["restarts"] >= 1
     assert "rank 1's engine exited with status 137" in worker["last_error"][0]
+    assert "a headless rank" in rank_log(gateway, f"{BIG}-0", 1).text  # the new gang's rank 1
     assert set(answers) == {200}
     after = guards(BIG)
     assert sorted(after) == [0, 1]

@@ -164,6 +164,16 @@ async def test_log_gives_the_last_lines(start) -> None:
     assert empty.status_code == 200 and empty.text == ""
 
 
+async def test_a_rank_a_worker_lacks_is_404(start) -> None:
+    client, _ = await start()
+    async with client:
+        rank0 = await client.get("/admin/workers/remote-0/log?rank=0", headers=bearer(ADMIN))
+        rank1 = await client.get("/admin/workers/remote-0/log?rank=1", headers=bearer(ADMIN))
+    assert rank0.status_code == 200
+    assert rank1.status_code == 404
+    assert "has one rank" in rank1.json()["error"]["message"]
+
+
 async def test_status_has_models_workers_and_totals(start) -> None:
     client, _ = await start()
     chat = {"model": "remote", "messages": [{"role": "user", "content": "hi"}]}
