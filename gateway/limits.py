@@ -12,14 +12,16 @@ time waits, even at the head of a fair line, for one of a flooding key's request
 (its whole duration over `max_in_flight`); with it, it goes straight to the engine. The bound
 stays hard: at most `max_in_flight + reserve` in flight, whatever the number of keys, and a
 key holds at most one reserve slot (it holds one only while it has nothing else in flight).
-A slot freed while the model is past `max_in_flight` goes to the first in line whose key has
-nothing in flight, if any; otherwise it is not handed on, and the model shrinks back.
+A freed slot goes to the next in line while the model is under `max_in_flight`; in the reserve,
+to the first in line whose key has nothing in flight, if any (one key's requests keep their
+order either way); otherwise the model shrinks back toward its limit.
 Requests entered without a key (`queueing: fifo`) all count as one key, which is never idle
 while the model is saturated: no reserve, plain first come, first served.
 """
 
 import asyncio
 import math
+from collections.abc import Container
 
 from gateway.errors import RateLimited
 from gateway.fair import FairLine
@@ -78,31 +80,40 @@ class Admission:
             raise
 
     def leave(self, key: str = "") -> None:
-        """Give `key`'s slot back: to the next in line, or to the pool."""
+        """Give `key`'s slot back; it goes to whoever in line may have it now."""
         held = self._holding[key] - 1
         if held:
             self._holding[key] = held
         else:
             del self._holding[key]
-        # Past max_in_flight (the reserve is in use), only a key with nothing in flight may
-        # take the freed slot; else the model shrinks back toward its limit.
-        busy = self._holding if self._is_over() else ()
-        while (served := self._line.popleft(busy)) is not None:
+        self.in_flight -= 1
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Admit from the line while there is room: under max_in_flight the next in line, in
+        the reserve the first whose key has nothing in flight. Afterwards nobody who waits
+        could enter, which is what enter() relies on."""
+        while self._line:
+            limit = self.max_in_flight
+            if limit is None or self.in_flight < limit:
+                busy: Container[str] = ()
+            elif self.in_flight < limit + self.reserve:
+                busy = self._holding
+            else:
+                return
+            served = self._line.popleft(busy)
+            if served is None:
+                return
             turn, heir = served
             if not turn.done():
-                turn.set_result(None)  # in_flight stays: the slot changes hands
-                self._holding[heir] = self._holding.get(heir, 0) + 1
-                return
-        self.in_flight -= 1
+                turn.set_result(None)
+                self._hold(heir)
 
     def _has_room(self, key: str) -> bool:
         limit = self.max_in_flight
         if limit is None or (self.in_flight < limit and not self._line):
             return True
         return key not in self._holding and self.in_flight < limit + self.reserve
-
-    def _is_over(self) -> bool:
-        return self.max_in_flight is not None and self.in_flight > self.max_in_flight
 
     def _hold(self, key: str) -> None:
         self.in_flight += 1

@@ -200,3 +200,24 @@ async def test_many_keys_never_exceed_max_in_flight_plus_reserve() -> None:
     await asyncio.gather(*tasks)
     assert peak == 6  # the reserve was used
     assert (admission.in_flight, admission.queued, admission._holding) == (0, 0, {})
+
+
+async def test_a_key_left_with_nothing_in_flight_takes_the_reserve_from_the_line() -> None:
+    """1. Under max_in_flight 2, `k` and the heavy key hold one slot each; 2. the heavy key
+    queues two more, `k` one; 3. `k`'s first request ends: the freed slot goes to the head
+    of the line (heavy), and `k`, now with nothing in flight, takes the reserve (3 in flight)
+    instead of waiting behind the heavy key."""
+    admission = Admission(2, max_queue=20, queue_timeout=5, reserve=1)
+    holder = Holder(admission)
+    tasks = [holder.send("k"), holder.send("heavy")]
+    await asyncio.sleep(0)
+    tasks += [holder.send("heavy"), holder.send("heavy"), holder.send("k")]
+    await asyncio.sleep(0)
+    assert (admission.in_flight, admission.queued) == (2, 3)
+    await holder.finish("k")
+    assert holder.held == ["k", "heavy", "heavy", "k"]
+    assert (admission.in_flight, admission.queued) == (3, 1)
+    for key in ("heavy", "heavy", "heavy", "k"):
+        await holder.finish(key)
+    await asyncio.gather(*tasks)
+    assert (admission.in_flight, admission._holding) == (0, {})
