@@ -45,6 +45,14 @@ class Admission:
         self._line = FairLine()
         self._holding: dict[str, int] = {}  # key → its requests in flight (none: absent)
 
+    def configure(self, max_in_flight: int | None, max_queue: int, queue_timeout: float) -> None:
+        """New limits (a reload): a raised max_in_flight admits from the line at once, instead
+        of at the next request's end; a lowered one is reached as requests end."""
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self._hand_on()
+
     @property
     def queued(self) -> int:
         return len(self._line)
