@@ -5,7 +5,9 @@
 A heavy key keeps `max_in_flight` (4) requests running and --heavy-waiting more in line, all
 the time; a light key sends one streaming request at a time. Printed: the light key's time to
 first token (p50, p99) alone, then beside the heavy key with `queueing: fifo` (first come,
-first served) and with `queueing: fair` (weighted fair queueing, gateway/fair.py). Each mode
+first served) and with `queueing: fair` (weighted fair queueing, gateway/fair.py, and the
+reserve of gateway/limits.py: a key with nothing in flight runs as one past max_in_flight,
+so the light key's request goes straight to the engine as the fifth). Each mode
 is its own gateway start (the line's policy is read at start), so the run takes minutes.
 Needs `bash deploy/setup-cpu-engine.sh`; take the shared e2e lock around it on a shared
 machine: `flock /tmp/enginegate-e2e.lock .venv/bin/python -m bench.fairness`.

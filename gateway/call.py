@@ -53,6 +53,7 @@ class Call:
         self.started = time.perf_counter()
         self.last_chunk: float | None = None
         self.is_admitted = False
+        self.admitted_as = ""  # the key the admission slot is held for
         self.is_finished = False
         self.grant: Grant | None = None  # the key's share of its limits (tenancy.py)
         self.usage: dict[str, Any] | None = None  # the engine's usage, when it sent one
@@ -74,6 +75,7 @@ class Call:
         queued.inc()
         try:
             await self.admission.enter(key, weight)
+            self.admitted_as = key
         except GatewayError as exc:
             m.child(m.requests, self.model, str(exc.status), self.principal).inc()
             raise
@@ -183,7 +185,7 @@ class Call:
         self.release()
         m = self.metrics
         if self.is_admitted:
-            self.admission.leave()
+            self.admission.leave(self.admitted_as)
             m.child(m.in_flight, self.model).dec()
         status = self.status or 500
         duration = time.perf_counter() - self.started

@@ -14,6 +14,7 @@ tags only grow, and the line is first come, first served.
 import asyncio
 import heapq
 import itertools
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 WEIGHTS = {"low": 1.0, "normal": 2.0, "high": 4.0}
@@ -45,17 +46,28 @@ class FairLine:
         self._entries[turn] = entry
         heapq.heappush(self._heap, entry)
 
-    def popleft(self) -> asyncio.Future[None]:
-        """The next turn to serve; raises IndexError when nobody waits."""
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            if self._entries.pop(entry.turn, None) is entry:
-                self._now = entry.tag
-                if not self._entries:
-                    self._last.clear()  # an idle line forgets: tags restart from now
-                return entry.turn
-        raise IndexError("nobody waits")
+    def popleft(self, busy: Container[str] = ()) -> tuple[asyncio.Future[None], str] | None:
+        """The next turn to serve and its key, passing over keys in `busy`; None when nobody
+        (not busy) waits. Passing over looks at every waiting entry: the line is max_queue
+        long at most, and only a model past max_in_flight asks for it (limits.py)."""
+        self._drop_removed()
+        if busy:
+            entry = min((e for e in self._entries.values() if e.key not in busy), default=None)
+        else:
+            entry = self._heap[0] if self._heap else None
+        if entry is None:
+            return None
+        del self._entries[entry.turn]  # its heap entry is dropped when it comes up
+        self._now = max(self._now, entry.tag)
+        if not self._entries:
+            self._last.clear()  # an idle line forgets: tags restart from now
+            self._heap.clear()
+        return entry.turn, entry.key
 
     def remove(self, turn: asyncio.Future[None]) -> None:
         """Take a turn out of the line (it gave up); its heap entry is skipped later."""
         self._entries.pop(turn)
+
+    def _drop_removed(self) -> None:
+        while self._heap and self._entries.get(self._heap[0].turn) is not self._heap[0]:
+            heapq.heappop(self._heap)

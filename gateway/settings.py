@@ -37,9 +37,7 @@ def apply_settings(gateway: Gateway, config: Config) -> None:
                 spec.max_in_flight, spec.max_queue, spec.queue_timeout
             )
         else:
-            admission.max_in_flight = spec.max_in_flight
-            admission.max_queue = spec.max_queue
-            admission.queue_timeout = spec.queue_timeout
+            admission.configure(spec.max_in_flight, spec.max_queue, spec.queue_timeout)
         before = was.get(spec.name)
         if before is None or (before.routing, before.prefix_chars) != (
             spec.routing,

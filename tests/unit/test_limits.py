@@ -68,3 +68,25 @@ def test_rate_limited_response_has_retry_after_and_openai_shape():
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     assert b'"type":"rate_limit_error"' in response.body
+
+
+async def test_a_raised_limit_admits_from_the_line_at_once():
+    """1. max_in_flight 1, held, two waiting; 2. a reload raises it to 2: one of them enters
+    at once, not when the held request ends; 3. lowered to 1: nobody is cut off, the next end
+    does not hand its slot on."""
+    admission = Admission(max_in_flight=1, max_queue=5, queue_timeout=5)
+    await admission.enter()
+    waiters = [asyncio.create_task(admission.enter()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert (admission.in_flight, admission.queued) == (1, 2)
+    admission.configure(2, 5, 5)
+    await asyncio.sleep(0.01)
+    assert (admission.in_flight, admission.queued) == (2, 1)
+    admission.configure(1, 5, 5)
+    admission.leave()
+    assert (admission.in_flight, admission.queued) == (1, 1)
+    admission.leave()
+    await asyncio.gather(*waiters)
+    assert (admission.in_flight, admission.queued) == (1, 0)
+    admission.leave()
+    assert admission.in_flight == 0
