@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,19 +20,21 @@ import httpx
 import psutil
 import pytest
 import yaml
-from fakes.gateway_process import GatewayProcess
+from fakes.gateway_process import GatewayProcess, flag
 from fakes.ray_cluster import HEAD_IP, SECOND_IP, RayCluster, leftovers, ray_cluster
 
 FAKE_ENGINE = str(Path(__file__).parents[1] / "fakes" / "engine.py")
 API_KEY = f"sk-int-{secrets.token_hex(8)}"
 ADMIN_KEY = f"sk-int-admin-{secrets.token_hex(8)}"
 SUFFIX = secrets.token_hex(3)  # other engineers' tests may run fake engines on this host too
-BIG, SMALL = f"big-{SUFFIX}", f"small-{SUFFIX}"
+BIG, SMALL, PAIR = f"big-{SUFFIX}", f"small-{SUFFIX}", f"pair-{SUFFIX}"
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    with ray_cluster(head_gpus=2, second_gpus=2) as running:
+    """5 GPUs a node: `pair`'s two replicas (3 GPUs each) never fit on one node, and whatever
+    order Ray places the gateway's replicas in, all fit (`big` 1 + 1, `small` 1)."""
+    with ray_cluster(head_gpus=5, second_gpus=5) as running:
         yield running
     assert leftovers(running.logs) == []
 
@@ -56,10 +59,13 @@ FORKING = ["sh", "-c", 'sleep 86400 & exec "$0" "$@"', sys.executable, FAKE_ENGI
 def gateway(
     cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    """`big`: tp=2 over both nodes (one GPU each); `small`: tp=1, wherever Ray puts it."""
+    """`big`: tp=2 over both nodes (one GPU each); `small`: tp=1, wherever Ray puts it;
+    `pair`: tp=3, two single-node replicas, one on each node as neither holds 6 GPUs."""
+    models = [fake_model(BIG, tp=2, nodes=2, command=FORKING), fake_model(SMALL)]
+    models.append(fake_model(PAIR, tp=3, replicas=2))
     gw = GatewayProcess(
         tmp_path_factory.mktemp("ray-gateway"),
-        [fake_model(BIG, tp=2, nodes=2, command=FORKING), fake_model(SMALL)],
+        models,
         api_key=API_KEY,
         admin_key=ADMIN_KEY,
         stop_grace=5,
@@ -68,23 +74,38 @@ def gateway(
     gw.config_path.write_text(yaml.safe_dump(gw.config, sort_keys=False))
     gw.start()
     try:
-        gw.wait_ready(timeout=180)
+        gw.wait_ready(timeout=180)  # /ready: one replica of each model
+        deadline = time.monotonic() + 120
+        while {w["state"] for w in gw.workers()} != {"ready"} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert {w["id"]: w["state"] for w in gw.workers()} == dict.fromkeys(
+            [f"{BIG}-0", f"{SMALL}-0", f"{PAIR}-0", f"{PAIR}-1"], "ready"
+        )
         yield gw
     finally:
         gw.stop()
 
 
 def guards(name: str) -> dict[int, psutil.Process]:
-    """node rank -> the guard running that rank of model `name`, found on this host."""
+    """node rank -> the guard running that rank of model `name` (of one replica)."""
     found = {}
+    for proc in guards_of(name):
+        argv = proc.cmdline()
+        rank = argv[argv.index("--node-rank") + 1] if "--node-rank" in argv else "0"
+        found[int(rank)] = proc
+    return found
+
+
+def guards_of(name: str) -> list[psutil.Process]:
+    """Every guard running a rank of model `name`, found on this host."""
+    found = []
     for proc in psutil.process_iter():
         try:
             argv = proc.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         if "backends.guard" in argv and name in argv:
-            rank = argv[argv.index("--node-rank") + 1] if "--node-rank" in argv else "0"
-            found[int(rank)] = proc
+            found.append(proc)
     return found
 
 
@@ -152,6 +173,41 @@ def rank_log(gw: GatewayProcess, worker_id: str, rank: int) -> httpx.Response:
     )
 
 
+def test_single_node_replicas_run_one_on_each_node_and_requests_go_to_both(
+    gateway: GatewayProcess,
+) -> None:
+    """1. `pair`'s two replicas, each ready on its own node (its HTTP address, and its
+    engine's three Ray GPUs and VLLM_HOST_IP, are that node's).
+    2. Six requests to `pair` through the gateway: three answered by the engine on each node
+    (the scripted engine names its pid in `system_fingerprint`; least_outstanding takes turns
+    between idle replicas)."""
+    node_of = {}  # engine pid -> the node address it serves on
+    for replica in (f"{PAIR}-0", f"{PAIR}-1"):
+        worker = gateway.worker(replica)
+        assert worker["state"] == "ready", worker
+        engine = engine_on(worker["url"])
+        env = engine.environ()
+        assert env["VLLM_HOST_IP"] == httpx.URL(worker["url"]).host
+        assert len(env["CUDA_VISIBLE_DEVICES"].split(",")) == 3
+        node_of[engine.pid] = env["VLLM_HOST_IP"]
+    assert sorted(node_of.values()) == [HEAD_IP, SECOND_IP]
+    answers = [complete(gateway, PAIR) for _ in range(6)]
+    assert [a.status_code for a in answers] == [200] * 6
+    served = Counter(node_of[int(a.json()["system_fingerprint"][4:])] for a in answers)
+    assert served == {HEAD_IP: 3, SECOND_IP: 3}
+
+
+def engine_on(url: str) -> psutil.Process:
+    """The scripted engine listening on the host and port of `url` (a worker's base URL)."""
+    where = httpx.URL(url)
+    for guard in guards_of(PAIR):
+        (engine,) = guard.children()
+        argv = engine.cmdline()
+        if (flag(argv, "--host"), flag(argv, "--port")) == (where.host, str(where.port)):
+            return engine
+    raise AssertionError(f"no engine of {PAIR} serves {url}")
+
+
 def test_a_rank_that_exits_restarts_the_whole_gang_while_other_models_serve(
     gateway: GatewayProcess,
 ) -> None:
@@ -185,10 +241,10 @@ def test_a_rank_that_exits_restarts_the_whole_gang_while_other_models_serve(
 def test_sigkill_of_the_gateway_leaves_no_engine_on_any_node(gateway: GatewayProcess) -> None:
     """The gateway is Ray's driver: its actors end with it, and their guards end the engines."""
     pids = set()
-    for name in (BIG, SMALL):
-        for guard in guards(name).values():
+    for name in (BIG, SMALL, PAIR):
+        for guard in guards_of(name):
             pids |= tree(guard)
-    assert len(pids) >= 8  # 3 guards, their engines, and big's two forked children
+    assert len(pids) >= 12  # 5 guards, their engines, and big's two forked children
     os.kill(gateway.pid, signal.SIGKILL)
     gateway.proc.wait()  # type: ignore[union-attr]
     assert gone(pids, 90), f"left: {[p for p in pids if psutil.pid_exists(p)]}"
