@@ -4,39 +4,19 @@ tests/e2e/test_changes.py measures a first request with vLLM CPU.
 """
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 from fakes.gateway_process import GatewayProcess
 
-from .test_reload import ADMIN_KEY, API_KEY, chat, fake, until
+from .test_reload import chat, fake, until
+from .test_reload import start as start  # the fixture: a gateway per call, stopped at the end
 
 
 def on_demand(name: str, **fields: Any) -> dict[str, Any]:
     return fake(name, start="on_demand", **fields)
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
-    started: list[GatewayProcess] = []
-
-    def make(models: list[dict[str, Any]]) -> GatewayProcess:
-        gw = GatewayProcess(
-            tmp_path / f"gw{len(started)}", models, api_key=API_KEY, admin_key=ADMIN_KEY,
-            stop_grace=2,
-        )  # fmt: skip
-        started.append(gw)
-        gw.start()
-        gw.wait_ready(timeout=60)
-        return gw
-
-    yield make
-    for gw in started:
-        gw.stop()
 
 
 def states(gw: GatewayProcess) -> dict[str, str]:

@@ -5,7 +5,6 @@ that an engine works (tests/e2e/test_changes.py does that with vLLM).
 """
 
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,8 @@ import yaml
 from fakes.gateway_process import GatewayProcess, bearer
 from fakes.load import SteadyLoad
 
-FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "engine.py"
+from .test_supervision_worker import fake_model
+
 API_KEY = "sk-reload-test"
 ADMIN_KEY = "sk-reload-admin"
 
@@ -27,16 +27,7 @@ ADMIN_KEY = "sk-reload-admin"
 def fake(name: str, **fields: Any) -> dict[str, Any]:
     """A vLLM CPU model entry whose engine is the fake engine (answers after 50 ms)."""
     env = {"FAKE_ENGINE_REPLY_DELAY": "0.05", **fields.pop("env", {})}
-    return {
-        "name": name,
-        "backend": "vllm",
-        "model": "/models/none",
-        "device": "cpu",
-        "command": [sys.executable, str(FAKE_ENGINE)],
-        "startup_timeout": 20,
-        "env": env,
-        **fields,
-    }
+    return fake_model(name, env=env, **fields)
 
 
 @pytest.fixture
