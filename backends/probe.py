@@ -18,7 +18,7 @@ check: its directory is 0700 and the gateway's (backends/sockets.py), so no othe
 bind there first, and the supervisor removed any file left in it before the engine started.
 """
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,9 +34,8 @@ from backends.process import Engine
 Verdict = Literal["ok", "down", "port taken", "refused"]
 _REFUSALS = frozenset({401, 403, 404})
 
-# Listening addresses that take connections to 127.0.0.1:port. Another user cannot hold
-# 127.0.0.1:port beside one of these: the second bind fails (SO_REUSEPORT needs the same uid).
-_TAKES_LOOPBACK = frozenset({"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"})
+# Whether what listens on a worker's TCP port is its engine: asked before the key is sent.
+OwnsPort = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -55,21 +54,21 @@ OK = Probe("ok")
 async def probe(
     client: httpx.AsyncClient,
     launch: Launch,
-    engine: Engine | None,
-    port: int | None,
+    owns_port: OwnsPort | None,
     timeout: float,
     full: bool,
 ) -> Probe:
-    """One probe of a worker; `engine` and `port` are None for a server someone else runs,
-    `port` alone for an engine on a Unix socket (`client` goes through it)."""
+    """One probe of a worker; `owns_port` is None for a server someone else runs and for an
+    engine on a Unix socket (`client` goes through it)."""
     url = launch.health_url or f"{launch.base_url}/models"
     try:
         health = None
         if launch.health_url:
             health = await client.get(url, timeout=timeout)
-        if engine is not None and port is not None and not listens_on(engine.pids(), port):
+        if owns_port is not None and not await owns_port():
             if health is None:  # with no health URL, maybe nobody listens yet
-                return Probe("down", f"nothing of the engine listens on 127.0.0.1:{port}")
+                where = httpx.URL(launch.base_url).netloc.decode()
+                return Probe("down", f"nothing of the engine listens on {where}")
             return Probe("port taken", f"GET {url} was answered by a process not the engine's")
         if health is not None and health.status_code != 200:
             return _answered(url, health)
@@ -99,14 +98,28 @@ def _answered(url: str, resp: httpx.Response) -> Probe:
     return Probe(verdict, f"GET {url} answered {resp.status_code} {resp.text[:200]!r}")
 
 
-def listens_on(pids: Iterable[int], port: int) -> bool:
-    """Whether one of `pids` has a TCP socket listening on `port` for 127.0.0.1."""
+def local_owner(engine: Engine | None, port: int | None) -> OwnsPort | None:
+    """The check for an engine of ours on a TCP port of this host: a socket of its tree."""
+    if engine is None or port is None:
+        return None
+
+    async def owns_port() -> bool:
+        return listens_on(engine.pids(), port)
+
+    return owns_port
+
+
+def listens_on(pids: Iterable[int], port: int, address: str = "127.0.0.1") -> bool:
+    """Whether one of `pids` has a TCP socket listening on `port` that takes connections to
+    `address`: bound to it, or to every address. Another user cannot hold address:port beside
+    such a socket: the second bind fails (SO_REUSEPORT needs the same uid)."""
+    takes = {address, f"::ffff:{address}", "0.0.0.0", "::", "::ffff:0.0.0.0"}
     for pid in pids:
         try:
             listening = _listening(psutil.Process(pid))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if any(p == port and ip in _TAKES_LOOPBACK for ip, p in listening):
+        if any(p == port and ip in takes for ip, p in listening):
             return True
     return False
 

@@ -26,6 +26,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,16 @@ class RayWorker(Worker):
             self.last_error = [gang.reason, *self.last_error][-LAST_ERROR_LINES:]
 
     async def _probe(self, full: bool) -> Probe:
-        """`/health` and `/models` through rank 0, then one generated token."""
+        """`/health` and `/models` through rank 0, then one generated token. Before the key is
+        sent, rank 0's actor checks on its node that the port is its engine's."""
         assert self.launch is not None
         timeout = max(self._timings.health_timeout, self.launch.health_timeout or 0)
-        # No port check (backends/probe.py): rank 0 may run on another host, where this
-        # process cannot see whose socket that is. The cluster network is trusted (README).
-        answer = await probe(self.client, self.launch, None, None, timeout, full=True)
+        gang = self.process
+        owner = None
+        if isinstance(gang, Gang):
+            url = httpx.URL(self.launch.base_url)
+            owner = partial(gang.owns_port, url.host, url.port or 80)
+        answer = await probe(self.client, self.launch, owner, timeout, full=True)
         if not answer.ok:
             return answer
         return await generate_one_token(self.client, self.launch, timeout)
@@ -180,6 +185,13 @@ class Gang:
 
     def pids(self) -> list[int]:
         return list(self.rank_pids)
+
+    async def owns_port(self, address: str, port: int) -> bool:
+        """Whether rank 0's engine listens on address:port, checked on its node."""
+        import ray
+
+        ref = self._actors[0].owns_port.remote(address, port)
+        return bool(await asyncio.to_thread(ray.get, ref, timeout=CALL_TIMEOUT))
 
     def log_tail(self, rank: int, lines: int) -> list[str]:
         """The last `lines` of rank `rank`'s log, read on its node (blocking)."""

@@ -37,7 +37,7 @@ import httpx
 from backends.adapters import ADAPTERS
 from backends.base import Launch, Slot, worker_secret
 from backends.ports import PortAllocator
-from backends.probe import Probe, probe
+from backends.probe import Probe, local_owner, probe
 from backends.process import Engine, EngineProcess, end_leftovers, tail
 from backends.sockets import WorkerSocket
 
@@ -480,7 +480,8 @@ class Worker:
     async def _probe(self, full: bool) -> Probe:
         assert self.launch is not None
         timeout = max(self._timings.health_timeout, self.launch.health_timeout or 0)
-        return await probe(self.client, self.launch, self.process, self.port, timeout, full)
+        owner = local_owner(self.process, self.port)
+        return await probe(self.client, self.launch, owner, timeout, full)
 
     def _refused(self, cause: str) -> None:
         message = (
@@ -493,8 +494,9 @@ class Worker:
         self.last_error = [message, *tail(self.log_path, LAST_ERROR_LINES - 1)]
 
     def _port_taken(self) -> None:
+        where = httpx.URL(self.base_url).netloc.decode()
         message = (
-            f"worker {self.id}: 127.0.0.1:{self.port} answers, but not from a process of its "
+            f"worker {self.id}: {where} answers, but not from a process of its "
             "engine: another process holds the port. The worker key was not sent to it; "
             "starting again on a new port"
         )

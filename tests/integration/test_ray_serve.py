@@ -7,13 +7,16 @@ follower rank); tests/e2e/test_ray_serve.py runs the same with vLLM CPU over two
 cluster and one gateway for the module, in the order the tests are written.
 """
 
+import json
 import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -248,6 +251,75 @@ def test_sigkill_of_the_gateway_leaves_no_engine_on_any_node(gateway: GatewayPro
     os.kill(gateway.pid, signal.SIGKILL)
     gateway.proc.wait()  # type: ignore[union-attr]
     assert gone(pids, 90), f"left: {[p for p in pids if psutil.pid_exists(p)]}"
+
+
+class Squatter(ThreadingHTTPServer):
+    """Another user of rank 0's node, bound to the port rank 0 was given before its engine
+    binds it; answers /health and /v1/models as the engine would and keeps what it was sent."""
+
+    def __init__(self, address: str, port: int, served_name: str) -> None:
+        self.heads: list[str] = []
+        self.models = json.dumps({"object": "list", "data": [{"id": served_name}]}).encode()
+        super().__init__((address, port), SquatterAnswer)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class SquatterAnswer(BaseHTTPRequestHandler):
+    server: Squatter
+
+    def do_GET(self) -> None:
+        self.server.heads.append(f"{self.requestline}\n{self.headers}")
+        body = self.server.models if self.path.endswith("/models") else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_squatter_on_rank_0s_port_is_never_sent_the_key(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Rank 0's port is in its engine's argv, on a node the gateway cannot look into.
+    1. A gateway of its own (the module's is gone) with one model whose engine binds 4 s late;
+    2. as soon as /admin/workers shows rank 0's URL, this test binds that address and port
+    and answers /health and /v1/models; 3. the worker is never ready there and the squatter
+    never sees an Authorization header: rank 0's actor, asked on its node, says the socket is
+    not the engine's; 4. the worker starts again on new ports and is ready with its engine."""
+    name = f"squat-{SUFFIX}"
+    model = fake_model(name, env={"FAKE_ENGINE_BIND_DELAY": "4"})
+    gw = GatewayProcess(tmp_path, [model], api_key=API_KEY, admin_key=ADMIN_KEY, stop_grace=5)
+    gw.config["cluster"] = {"ray": cluster.address, "node_ip": cluster.node_ip}
+    gw.config_path.write_text(yaml.safe_dump(gw.config, sort_keys=False))
+    gw.start()
+    squatter = None
+    try:
+        deadline = time.monotonic() + 120
+        while squatter is None and time.monotonic() < deadline:
+            try:
+                url = gw.worker(f"{name}-0")["url"]
+            except httpx.TransportError:  # the gateway is not listening yet
+                url = None
+            if url:
+                squatted = httpx.URL(url)
+                squatter = Squatter(squatted.host, squatted.port or 80, name)
+            time.sleep(0.05)
+        assert squatter is not None, "rank 0's URL never shown"
+        gw.wait_ready(timeout=120)
+        ready = httpx.URL(gw.worker(f"{name}-0")["url"])
+        assert complete(gw, name).status_code == 200
+    finally:
+        gw.stop()
+        if squatter is not None:
+            squatter.shutdown()
+            squatter.server_close()
+    assert squatter.heads, "the squatter was never asked: the test proved nothing"
+    assert not [h for h in squatter.heads if "authorization" in h.lower()], squatter.heads
+    assert ready.port != squatted.port
+    assert "another process holds the port" in gw.log()
 
 
 def test_a_node_leaving_the_cluster_fails_its_gang_with_the_reason(tmp_path: Path) -> None:

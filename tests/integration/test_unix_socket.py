@@ -120,8 +120,6 @@ async def test_the_probe_reaches_the_engine_through_its_socket(engine_socket: st
     transport = httpx.AsyncHTTPTransport(uds=engine_socket)
     async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
         launch = socket_launch(engine_socket)
-        assert (await probe(client, launch, None, None, timeout=2, full=True)).ok
+        assert (await probe(client, launch, None, timeout=2, full=True)).ok
         wrong_key = replace(launch, api_key="not-the-key")
-        assert (
-            await probe(client, wrong_key, None, None, timeout=2, full=True)
-        ).verdict == "refused"
+        assert (await probe(client, wrong_key, None, timeout=2, full=True)).verdict == "refused"
