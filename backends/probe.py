@@ -11,7 +11,9 @@ Who answers matters. A port is free when the supervisor hands it out, but the en
 seconds (vLLM) or minutes (SGLang, after loading the model) later, and the port is in the
 engine's argv for any local user to read in `ps`: whoever binds it first gets the connections.
 So for an engine we started, the socket listening on the port must belong to a process of its
-tree (the kernel's /proc/<pid>/fd of our own children) before the key is ever sent.
+tree (the kernel's /proc/<pid>/fd of our own children) before the key is ever sent. For rank 0
+of a worker on a Ray cluster, on another host, its actor makes that check on its node
+(backends/ray_worker.py `owns_port`); `probe` only takes the answer.
 
 An engine on a Unix socket (`port` None, the client connects through the socket) needs no such
 check: its directory is 0700 and the gateway's (backends/sockets.py), so no other user can
