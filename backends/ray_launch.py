@@ -37,7 +37,7 @@ from backends.base import Launch, Slot, worker_secret
 from backends.cluster import ClusterSpec, need
 from backends.multinode import node_flags
 from backends.probe import OK, Probe, probe
-from backends.supervisor import LAST_ERROR_LINES, Outcome, Worker
+from backends.supervisor import LAST_ERROR_LINES, NoRoom, Outcome, Worker
 
 log = logging.getLogger("enginegate.ray")
 
@@ -292,7 +292,7 @@ def _start_sync(
     actors: list[Any] = []
     try:
         if not group.wait(cluster.start_timeout):
-            raise RuntimeError(
+            raise NoRoom(
                 f"placement group of {slot.worker_id} ({spec.nodes} x {bundle}, {strategy}) "
                 f"not placed in {cluster.start_timeout:g} s: the cluster lacks the nodes or "
                 "resources (enginegate plan shows them)"

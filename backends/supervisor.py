@@ -44,7 +44,7 @@ from backends.sockets import WorkerSocket
 log = logging.getLogger("enginegate.supervisor")
 
 LAST_ERROR_LINES = 30
-# What one start ended with. Only "restart requested" and "stopping" are not failures.
+# What one start ended with. "restart requested", "no room" and "stopping" are not failures.
 Outcome = Literal[
     "ready",
     "exited",
@@ -53,11 +53,18 @@ Outcome = Literal[
     "refused",
     "error",
     "unhealthy",
+    "no room",
     "restart requested",
     "stopping",
 ]
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _ENGINEGATE_ENV = "ENGINEGATE_"  # the gateway's own settings and keys, never an engine's
+
+
+class NoRoom(Exception):
+    """A start that found no devices for now (a cluster short of the node it needs): not a
+    crash, so it is not counted toward `max_failures`; the worker tries again, as a pending
+    pod or replica does, until the room is back."""
 
 
 class WorkerState(StrEnum):
@@ -352,6 +359,11 @@ class Worker:
                 self.restarts += 1
                 await self._end_process(outcome)
                 continue  # at once: an operator's restart is not a failure, so no backoff
+            if outcome == "no room":  # no engine was started: nothing to end, no crash
+                # The start itself waited for room (a placement group, start_timeout): soon again.
+                self._set(WorkerState.RESTARTING)
+                await self._sleep(self._timings.backoff_base)
+                continue
             if outcome == "refused":
                 # A probe the engine can never pass: a wrong route or key. Starting again
                 # would only wait out another startup_timeout; an operator's restart retries.
@@ -393,6 +405,10 @@ class Worker:
             self.ready_seconds = self._ready_at - self.started_at
             self._set(WorkerState.READY)
             return await self._watch()
+        except NoRoom as exc:
+            log.warning("worker %s: %s; trying again", self.id, exc)
+            self.last_error = [str(exc)]
+            return "no room"
         except Exception:
             log.exception("worker %s: start or supervision failed", self.id)
             self.last_error = traceback.format_exc().splitlines()[-LAST_ERROR_LINES:]

@@ -78,6 +78,20 @@ def ray_cluster(head_gpus: int, second_gpus: int, timeout: float = 120) -> Itera
         _stop(procs, temp)
 
 
+@contextmanager
+def second_node_again(cluster: RayCluster, gpus: int, timeout: float = 120) -> Iterator[None]:
+    """The second node joining `cluster` again (after its first `ray start` was stopped):
+    stopped at exit, what it left killed by process group."""
+    argv = [RAY, "start", "--address", cluster.address, *_node_args(SECOND_IP, gpus)]
+    log = cluster.logs / "second-again.out"
+    procs = [_start(argv, log, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})]
+    try:
+        _wait_until_started(log, timeout, procs)
+        yield
+    finally:
+        _end(procs)
+
+
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -96,6 +110,13 @@ def _wait_until_started(log: Path, timeout: float, procs: list[subprocess.Popen[
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], temp: Path) -> None:
+    _end(procs)
+    for leftover in leftovers(temp):
+        leftover.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _end(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in reversed(procs):  # the second node first, then the head
         proc.send_signal(signal.SIGTERM)
         try:
@@ -108,9 +129,6 @@ def _stop(procs: list[subprocess.Popen[bytes]], temp: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # what the node left in its own session
         except ProcessLookupError:
             pass
-    for leftover in leftovers(temp):
-        leftover.kill()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def leftovers(temp: Path) -> list[psutil.Process]:

@@ -49,11 +49,20 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     try:
         wait_upstream(spawner, upstream)
         gw.start()
-        gw.wait_ready(timeout=60)
+        gw.wait_ready(timeout=60)  # one replica of each model: the pinning tests need both
+        deadline = time.monotonic() + 60
+        while ready_replicas(gw, "fake") < 2:
+            assert time.monotonic() < deadline, f"one replica of fake not ready\n{gw.logs()}"
+            time.sleep(0.2)
         yield gw
     finally:
         gw.stop()
         spawner.stop_all()
+
+
+def ready_replicas(gw: GatewayProcess, model: str) -> float:
+    page = gw.metrics_page()
+    return sum(sample_values(page, "enginegate_worker_state", model=model, state="ready"))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from backends.base import Slot
 from backends.spec import ModelSpec
-from backends.supervisor import Supervisor, Timings, Worker, WorkerState
+from backends.supervisor import NoRoom, Supervisor, Timings, Worker, WorkerState
 from gateway.app import create_app
 from gateway.config import Config, plan_workers
 from gateway.scrape import EngineScraper
@@ -171,6 +171,43 @@ async def test_a_nonsense_models_answer_fails_the_start_but_not_the_worker(
     await supervisor.start()
     await until(lambda: worker.state is WorkerState.FAILED, 10, "failed after the timeout")
     await until(lambda: not engines_of("nulldata"), 5, "its engine stopped")
+
+
+class Crowded(Worker):
+    """A worker whose first starts find no room, as a Ray worker whose node has left."""
+
+    no_room_left = 4
+
+    async def _spawn(self) -> None:
+        if Crowded.no_room_left > 0:
+            Crowded.no_room_left -= 1
+            raise NoRoom(f"not placed: {Crowded.no_room_left} more tries without room")
+        await super()._spawn()
+
+
+async def test_a_start_without_room_is_tried_again_not_counted_as_a_crash(
+    supervise: Callable[..., Supervisor],
+) -> None:
+    """1. A worker whose first 4 starts find no devices (NoRoom), with 1 failure allowed;
+    2. it is never `failed`: each try shows the reason in `last_error`, counts no restart and
+    starts no engine; 3. once there is room it is ready with its engine."""
+    timings = Timings(**{**vars(FAST), "max_failures": 1})
+    supervisor = supervise([fake_slot("crowded")], timings=timings, worker_type=Crowded)
+    worker = supervisor.workers[0]
+    states: list[WorkerState] = []
+    reasons: list[str] = []
+    await supervisor.start()
+    deadline = time.monotonic() + 15
+    while not worker.is_ready:
+        assert worker.state is not WorkerState.FAILED, worker.last_error
+        assert time.monotonic() < deadline, f"not ready in 15 s: {worker.state}"
+        states.append(worker.state)
+        reasons += worker.last_error
+        await asyncio.sleep(0.01)
+    assert "not placed: 0 more tries without room" in reasons
+    assert WorkerState.RESTARTING in states
+    assert worker.restarts == 0
+    assert engines_of("crowded")
 
 
 async def test_an_engine_refusing_the_probe_fails_at_once_saying_url_and_status(
