@@ -109,11 +109,7 @@ class EngineProcess:
 
     def pids(self) -> list[int]:
         """The guard and every live process under it, the guard first."""
-        try:
-            guard = psutil.Process(self.pid)
-            return [self.pid, *(p.pid for p in guard.children(recursive=True))]
-        except psutil.NoSuchProcess:
-            return []
+        return tree_pids(self.pid)
 
     def kill(self) -> None:
         kill_tree(self.pid)
@@ -193,6 +189,14 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and every live process under it, `pid` first; [] when it is gone."""
+    try:
+        return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def kill_tree(pid: int) -> None:

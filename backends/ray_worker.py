@@ -18,10 +18,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from backends.base import UNSAFE_ENV
 from backends.probe import listens_on
+from backends.process import tree_pids
 
 GUARD = ("-m", "backends.guard")
 
@@ -55,11 +54,7 @@ class EngineHost:
         """Whether a process of this engine's tree listens on address:port, asked on the node
         the engine runs on: the gateway, elsewhere, cannot see whose socket that is, and the
         port is in the engine's argv for any user of this node to bind first."""
-        try:
-            tree = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return False
-        return listens_on([self.proc.pid, *(p.pid for p in tree)], port, address)
+        return listens_on(tree_pids(self.proc.pid), port, address)
 
     def stop(self) -> int:
         """SIGTERM to the guard (it passes it on and kills after the grace), then wait."""

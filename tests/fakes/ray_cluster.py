@@ -61,17 +61,14 @@ def ray_cluster(head_gpus: int, second_gpus: int, timeout: float = 120) -> Itera
     """Start both nodes, wait until Ray lists both alive, stop them at exit."""
     temp = Path(tempfile.mkdtemp(prefix="eg-ray-"))  # short: Ray's socket paths live under it
     port = _free_port(HEAD_IP)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head_argv = [RAY, "start", "--head", "--port", str(port), "--include-dashboard=false"]
     head_argv += ["--temp-dir", str(temp)]
     second_argv = [RAY, "start", "--address", f"{HEAD_IP}:{port}"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(_start(head_argv + _node_args(HEAD_IP, head_gpus), temp / "head.out", env))
+        procs.append(_start(head_argv + _node_args(HEAD_IP, head_gpus), temp / "head.out"))
         _wait_until_started(temp / "head.out", timeout, procs)
-        procs.append(
-            _start(second_argv + _node_args(SECOND_IP, second_gpus), temp / "second.out", env)
-        )
+        procs.append(_start(second_argv + _node_args(SECOND_IP, second_gpus), temp / "second.out"))
         _wait_until_started(temp / "second.out", timeout, procs)
         yield RayCluster(f"{HEAD_IP}:{port}", HEAD_IP, temp)
     finally:
@@ -84,7 +81,7 @@ def second_node_again(cluster: RayCluster, gpus: int, timeout: float = 120) -> I
     stopped at exit, what it left killed by process group."""
     argv = [RAY, "start", "--address", cluster.address, *_node_args(SECOND_IP, gpus)]
     log = cluster.logs / "second-again.out"
-    procs = [_start(argv, log, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})]
+    procs = [_start(argv, log)]
     try:
         _wait_until_started(log, timeout, procs)
         yield
@@ -92,7 +89,8 @@ def second_node_again(cluster: RayCluster, gpus: int, timeout: float = 120) -> I
         _end(procs)
 
 
-def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     with log.open("wb") as out:
         return subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
