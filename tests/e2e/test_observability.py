@@ -143,6 +143,9 @@ def prometheus(gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
         server.stop()
 
 
+ITL_COUNT = "enginegate_inter_token_latency_seconds_count"
+
+
 def quantile(q: float, histogram: str) -> str:
     rate = f'rate({histogram}_bucket{{model="tiny"}}[1m])'
     return f"histogram_quantile({q}, sum by (le) ({rate}))"
@@ -233,6 +236,7 @@ def test_prometheus_sees_the_requests_tokens_and_latencies_sent(running_gateway,
     time.sleep(5)  # a few more scrapes of the series as they are now
 
     requests_before = gateway_total(gw, "enginegate_requests_total", model="tiny", status="200")
+    itl_before = gateway_total(gw, ITL_COUNT, model="tiny")
     tokens_before = gateway_total(gw, "enginegate_tokens_total", model="tiny", kind="completion")
     engine_before = engine_total(engine_page(gw, "tiny-0"), "vllm:generation_tokens_total")
 
@@ -263,6 +267,17 @@ def test_prometheus_sees_the_requests_tokens_and_latencies_sent(running_gateway,
     for q in (0.5, 0.95, 0.99):
         ttft = prom.value(quantile(q, "enginegate_time_to_first_token_seconds"))
         assert ttft is not None and 0 < ttft <= bound, (q, ttft, first_chunk)
+    # An inter-token gap needs a stream that reaches the gateway in more than one read; a
+    # machine that stalls for seconds (2 vCPUs under an engine) can deliver a short one whole
+    # (CI once saw no gap in 3 streams: the quantile was NaN). Stream on until it has one.
+    with gw.client() as sdk:
+        for _ in range(5):
+            if gateway_total(gw, ITL_COUNT, model="tiny") > itl_before:
+                break
+            chat(sdk, 64, stream=True)
+    observed = gateway_total(gw, ITL_COUNT, model="tiny")
+    assert observed > itl_before, "no stream reached the gateway in more than one read"
+    prom.wait_value(f'sum({ITL_COUNT}{{model="tiny"}})', observed)
     itl = prom.value(quantile(0.5, "enginegate_inter_token_latency_seconds"))
     assert itl is not None and itl > 0
 
